@@ -1,0 +1,43 @@
+"""The ``malai`` command."""
+
+import argparse
+import sys
+from typing import List, Optional
+
+from malai.errors import MalaiError
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from malai.cli import acl, cluster, info, keygen, machine, rescan
+
+    parser = argparse.ArgumentParser(
+        prog="malai",
+        description="Peer-to-peer infrastructure: run commands and reach services by identity.",
+    )
+    parser.add_argument("--home", help="MALAI_HOME to use (default: $MALAI_HOME or ~/.local/share/malai)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (keygen, cluster, machine, info, rescan, acl):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except MalaiError as e:
+        for line in str(e).splitlines():
+            print(f"malai: {line}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())

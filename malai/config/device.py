@@ -1,0 +1,78 @@
+"""``malai.toml``: device-wide aliases, forwards and daemon settings."""
+
+from typing import Dict, Optional
+
+from malai.config.models import DeviceConfig, TcpForward
+from malai.config.reader import Source, check_addr, check_name
+
+__all__ = ["RESERVED_NAMES", "parse_device", "check_target", "check_remote"]
+
+#: Subcommands of the ``malai`` CLI; an alias may not shadow one.
+RESERVED_NAMES = frozenset({
+    "acl", "cluster", "config", "daemon", "forward", "help", "info", "keygen", "machine",
+    "open", "ping", "rescan", "service", "status", "stop",
+})
+
+
+def check_target(value: str) -> Optional[str]:
+    """``<machine>.<cluster>`` (wildcards allowed in the machine part)."""
+    parts = value.split(".")
+    if len(parts) != 2 or not all(parts):
+        return f"{value!r} is not a target: write <machine>.<cluster>"
+    return check_name(parts[1])
+
+
+def check_remote(value: str) -> Optional[str]:
+    """``<service>.<machine>.<cluster>``."""
+    parts = value.split(".")
+    if len(parts) != 3:
+        return f"{value!r} is not a service address: write <service>.<machine>.<cluster>"
+    for part in parts:
+        error = check_name(part)
+        if error:
+            return error
+    return None
+
+
+def _check_alias(value: str) -> Optional[str]:
+    words = value.split()
+    if not words:
+        return "an alias must name a target: <machine>.<cluster> [command…]"
+    return check_target(words[0])
+
+
+def parse_device(text: str, file: str = "malai.toml") -> DeviceConfig:
+    source = Source(file, text)
+    root = source.root()
+    aliases: Dict[str, str] = {}
+    at = root.table("aliases")
+    if at is not None:
+        for name in list(at.data):
+            value = at.string(name, check=_check_alias)
+            if name in RESERVED_NAMES:
+                source.problem(at.path + (name,), f"alias {name!r} would shadow the `malai {name}` command; rename it")
+            elif check_name(name):
+                source.problem(at.path + (name,), check_name(name) or "")
+            elif value:
+                aliases[name] = value
+        at.done()
+    tcp = {}
+    for name, t in root.tables("tcp").items():
+        local = t.string("local", required=True, check=check_addr)
+        remote = t.string("remote", required=True, check=check_remote)
+        if local and remote:
+            tcp[name] = TcpForward(name, local, remote)
+        t.done()
+    http_listen = None
+    ht = root.table("http")
+    if ht is not None:
+        http_listen = ht.string("listen", check=check_addr)
+        ht.done()
+    listen: tuple = ()
+    dt = root.table("daemon")
+    if dt is not None:
+        listen = dt.strings("listen", check=lambda v: None if v.strip() else "an endpoint must not be empty")
+        dt.done()
+    root.done()
+    source.raise_problems()
+    return DeviceConfig(aliases, tcp, http_listen, listen)

@@ -1,0 +1,137 @@
+"""``machine.toml``: a machine's personalized config; ``personalize`` makes it."""
+
+from typing import Dict
+
+import attrs
+import tomlkit
+
+from malai.config.cluster import (
+    check_id52,
+    parse_machine_table,
+    parse_manager_table,
+    render_machine_into,
+    render_manager,
+)
+from malai.config.models import ClusterConfig, DirectoryEntry, Machine, MachineConfig
+from malai.config.reader import Source, check_addr
+from malai.errors import MalaiError
+
+__all__ = ["parse_machine_config", "personalize", "render_machine_config"]
+
+
+def parse_machine_config(text: str, file: str = "machine.toml") -> MachineConfig:
+    source = Source(file, text)
+    root = source.root()
+    manager = parse_manager_table(root)
+    machines = root.tables("machine")
+    if len(machines) != 1:
+        source.problem(("machine",), "must hold exactly one [machine.NAME] table, this machine's")
+    machine = None
+    for name, t in machines.items():
+        machine = parse_machine_table(name, t)
+    callers: Dict[str, str] = {}
+    callers_table = root.table("callers")
+    if callers_table is not None:
+        for name in callers_table.data:
+            value = callers_table.string(name, check=check_id52)
+            if value:
+                callers[name] = value
+        callers_table.done()
+    directory = {}
+    for name, t in root.tables("directory").items():
+        directory[name] = DirectoryEntry(
+            name=name,
+            id52=t.string("id52", required=True, check=check_id52) or "",
+            addrs=t.strings("addrs", check=check_addr),
+            exec=t.boolean("exec", False),
+            shell=t.boolean("shell", False),
+            commands=t.strings("commands"),
+            tcp=t.strings("tcp"),
+            http=t.strings("http"),
+        )
+        t.done()
+    root.done()
+    source.raise_problems()
+    assert manager is not None and machine is not None
+    return MachineConfig(manager, machine, callers, directory)
+
+
+def render_machine_config(config: MachineConfig) -> str:
+    doc = tomlkit.document()
+    render_manager(doc, config.manager)
+    machines = tomlkit.table(is_super_table=True)
+    render_machine_into(machines, config.machine)
+    doc["machine"] = machines
+    if config.callers:
+        callers = tomlkit.table()
+        for name, id52 in sorted(config.callers.items()):
+            callers[name] = id52
+        doc["callers"] = callers
+    if config.directory:
+        directory = tomlkit.table(is_super_table=True)
+        for entry in config.directory.values():
+            t = tomlkit.table()
+            t["id52"] = entry.id52
+            for key in ("addrs", "commands", "tcp", "http"):
+                if getattr(entry, key):
+                    t[key] = list(getattr(entry, key))
+            for key in ("exec", "shell"):
+                if getattr(entry, key):
+                    t[key] = True
+            directory[entry.name] = t
+        doc["directory"] = directory
+    return tomlkit.dumps(doc)
+
+
+def personalize(config: ClusterConfig, machine_name: str) -> MachineConfig:
+    """What ``machine_name`` may know: its own subtree with every expression
+    expanded to ID52s, the names of those ID52s, and what it may reach."""
+    from malai.acl import Acl
+
+    if machine_name not in config.machines:
+        raise MalaiError(f"cluster {config.manager.cluster_name} has no machine {machine_name!r}")
+    acl = Acl.for_cluster(config)
+    me = config.machines[machine_name]
+    names = {m.id52: m.name for m in config.machines.values()}
+    seen: set = set()
+
+    def expand(expr):
+        if expr is None:
+            return None
+        members = sorted(acl.members(expr))
+        seen.update(members)
+        return ", ".join(members)
+
+    expanded = attrs.evolve(
+        me,
+        allow_from=expand(me.allow_from),
+        allow_shell=expand(me.allow_shell),
+        commands={k: attrs.evolve(c, allow_from=expand(c.allow_from)) for k, c in me.commands.items()},
+        tcp={k: attrs.evolve(s, allow_from=expand(s.allow_from)) for k, s in me.tcp.items()},
+        http={k: attrs.evolve(s, allow_from=expand(s.allow_from)) for k, s in me.http.items()},
+    )
+    callers = {names[i]: i for i in sorted(seen) if i in names}
+    directory = {}
+    for other in config.machines.values():
+        if other.name != machine_name:
+            entry = _reachable(acl, other, me.id52)
+            if entry is not None:
+                directory[other.name] = entry
+    manager = attrs.evolve(config.manager, config_editors=None)
+    return MachineConfig(manager, expanded, callers, directory)
+
+
+def _reachable(acl, other: Machine, me: str):
+    entry = DirectoryEntry(
+        name=other.name,
+        id52=other.id52,
+        addrs=other.addrs,
+        exec=acl.check("", other.allow_from, me).allowed,
+        shell=acl.can_run(other, me, []).allowed,
+        commands=tuple(c for c in other.commands if acl.can_run(other, me, [c]).allowed),
+        tcp=tuple(s for s in other.tcp if acl.can_reach(other, "tcp", s, me).allowed),
+        http=tuple(s for s in other.http if acl.can_reach(other, "http", s, me).allowed),
+    )
+    if entry.exec or entry.shell or entry.commands or entry.tcp or entry.http:
+        return entry
+    return None

@@ -1,0 +1,141 @@
+"""Frozen models of malai's config files (see docs/config.md)."""
+
+from typing import Dict, Optional, Tuple
+
+import attrs
+
+__all__ = [
+    "ClusterConfig", "ClusterInfo", "ClusterManager", "Command", "DeviceConfig", "DirectoryEntry",
+    "HttpService", "Machine", "MachineConfig", "TcpForward", "TcpService",
+]
+
+
+@attrs.frozen
+class ClusterManager:
+    """``[cluster_manager]``: who owns the cluster."""
+
+    id52: str
+    cluster_name: str
+    config_editors: Optional[str] = None
+
+
+@attrs.frozen
+class Command:
+    """``[machine.M.command.NAME]``: a named command and who may run it."""
+
+    name: str
+    command: str
+    allow_from: Optional[str] = None
+    username: Optional[str] = None
+    shell: bool = False
+
+
+@attrs.frozen
+class TcpService:
+    """``[machine.M.tcp.NAME]``: a TCP upstream on the machine."""
+
+    name: str
+    port: int
+    allow_from: Optional[str] = None
+    host: str = "127.0.0.1"
+    proxy_protocol: bool = False
+
+
+@attrs.frozen
+class HttpService:
+    """``[machine.M.http.NAME]``: an HTTP upstream on the machine."""
+
+    name: str
+    port: int
+    allow_from: Optional[str] = None
+    host: str = "127.0.0.1"
+    inject_headers: bool = True
+    secure: bool = False
+
+
+@attrs.frozen
+class Machine:
+    """``[machine.NAME]``: a member; with only an ``id52`` it is a client."""
+
+    name: str
+    id52: str
+    addrs: Tuple[str, ...] = ()
+    allow_from: Optional[str] = None
+    allow_shell: Optional[str] = None
+    username: Optional[str] = None
+    relay: bool = False
+    commands: Dict[str, Command] = attrs.field(factory=dict)
+    tcp: Dict[str, TcpService] = attrs.field(factory=dict)
+    http: Dict[str, HttpService] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ClusterConfig:
+    """``cluster.toml``: the cluster manager's source of truth."""
+
+    manager: ClusterManager
+    groups: Dict[str, str] = attrs.field(factory=dict)
+    machines: Dict[str, Machine] = attrs.field(factory=dict)
+
+    def machine_by_id52(self, id52: str) -> Optional[Machine]:
+        for m in self.machines.values():
+            if m.id52 == id52:
+                return m
+        return None
+
+
+@attrs.frozen
+class DirectoryEntry:
+    """What a machine may reach on another member, as a client."""
+
+    name: str
+    id52: str
+    addrs: Tuple[str, ...] = ()
+    exec: bool = False
+    shell: bool = False
+    commands: Tuple[str, ...] = ()
+    tcp: Tuple[str, ...] = ()
+    http: Tuple[str, ...] = ()
+
+
+@attrs.frozen
+class MachineConfig:
+    """``machine.toml``: one machine's personalized part of the cluster config.
+
+    ``machine`` has every ``allow_from`` expanded to ID52s; ``callers`` names
+    the ID52s that appear there; ``directory`` lists what this machine may reach.
+    """
+
+    manager: ClusterManager
+    machine: Machine
+    callers: Dict[str, str] = attrs.field(factory=dict)
+    directory: Dict[str, DirectoryEntry] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ClusterInfo:
+    """``cluster-info.toml``: how a machine finds its cluster manager."""
+
+    cluster_alias: str
+    manager_id52: str
+    addrs: Tuple[str, ...] = ()
+    machine_name: Optional[str] = None
+
+
+@attrs.frozen
+class TcpForward:
+    """``[tcp.NAME]`` in ``malai.toml``: a local port reaching a remote service."""
+
+    name: str
+    local: str
+    remote: str
+
+
+@attrs.frozen
+class DeviceConfig:
+    """``malai.toml``: device-wide settings."""
+
+    aliases: Dict[str, str] = attrs.field(factory=dict)
+    tcp: Dict[str, TcpForward] = attrs.field(factory=dict)
+    http_listen: Optional[str] = None
+    listen: Tuple[str, ...] = ()

@@ -1,0 +1,173 @@
+"""MALAI_HOME: where a device keeps its keys, configs, state and sockets.
+
+See DESIGN.md for the layout. ``scan`` reads every cluster folder and reports
+each one's role, identity and problems without letting one broken cluster
+hide the others.
+"""
+
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import attrs
+
+from malai.config import (
+    ConfigError,
+    parse_cluster,
+    parse_cluster_info,
+    parse_device,
+    parse_machine_config,
+)
+from malai.config.locate import KeyLocator
+from malai.config.models import ClusterConfig, ClusterInfo, DeviceConfig, MachineConfig
+from malai.errors import MalaiError
+from malai.identity import Identity
+
+__all__ = ["ClusterEntry", "Home", "default_home"]
+
+MANAGER = "manager"
+MACHINE = "machine"
+
+
+def default_home() -> Path:
+    """``$MALAI_HOME``, else the platform data dir."""
+    env = os.environ.get("MALAI_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("malai", appauthor=False))
+
+
+@attrs.frozen
+class ClusterEntry:
+    """What a scan found in ``clusters/<alias>/``."""
+
+    alias: str
+    path: Path
+    role: Optional[str]  # "manager", "machine", or None when undecidable
+    identity: Optional[Identity] = None
+    cluster: Optional[ClusterConfig] = None  # the manager's cluster.toml
+    machine: Optional[MachineConfig] = None  # the machine's machine.toml (None: waiting)
+    info: Optional[ClusterInfo] = None  # the machine's cluster-info.toml
+    problems: Tuple[str, ...] = ()
+
+    @property
+    def id52(self) -> Optional[str]:
+        return self.identity.id52 if self.identity else None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@attrs.frozen
+class Home:
+    """A MALAI_HOME folder and the paths inside it."""
+
+    root: Path
+
+    @classmethod
+    def default(cls) -> "Home":
+        return cls(default_home())
+
+    @property
+    def clusters(self) -> Path:
+        return self.root / "clusters"
+
+    @property
+    def device_config(self) -> Path:
+        return self.root / "malai.toml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "malai.lock"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "malai.socket"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.root / "log"
+
+    def cluster_dir(self, alias: str) -> Path:
+        return self.clusters / alias
+
+    def ensure(self) -> None:
+        """Create the home (0700) and its clusters folder."""
+        self.clusters.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def load_device(self) -> DeviceConfig:
+        try:
+            text = self.device_config.read_text()
+        except FileNotFoundError:
+            return DeviceConfig()
+        return parse_device(text, str(self.device_config))
+
+    def aliases(self) -> List[str]:
+        if not self.clusters.is_dir():
+            return []
+        return sorted(p.name for p in self.clusters.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def scan(self, only: Optional[str] = None) -> List[ClusterEntry]:
+        """Every cluster (or just ``only``), each with its problems."""
+        aliases = self.aliases()
+        if only is not None:
+            if only not in aliases:
+                raise MalaiError(f"no cluster {only!r} in {self.clusters}; clusters here: {', '.join(aliases) or 'none'}")
+            aliases = [only]
+        return [scan_cluster(alias, self.cluster_dir(alias)) for alias in aliases]
+
+
+def scan_cluster(alias: str, path: Path) -> ClusterEntry:
+    """Read one cluster folder: role from the files present, then config and key."""
+    cluster_toml, machine_toml, info_toml = (path / n for n in ("cluster.toml", "machine.toml", "cluster-info.toml"))
+    if cluster_toml.exists() and machine_toml.exists():
+        return ClusterEntry(alias, path, None, problems=(
+            f"{path}: holds both cluster.toml (manager) and machine.toml (machine); "
+            "a device is one or the other in a cluster: move one of them away",
+        ))
+    problems: List[str] = []
+    if cluster_toml.exists():
+        cluster = _load(cluster_toml, parse_cluster, problems)
+        expected = cluster.manager.id52 if cluster else None
+        identity = _key(path / "cluster.private-key", expected, cluster_toml, ("cluster_manager", "id52"), problems)
+        return ClusterEntry(alias, path, MANAGER, identity, cluster=cluster, problems=tuple(problems))
+    if machine_toml.exists() or info_toml.exists():
+        info = _load(info_toml, parse_cluster_info, problems) if info_toml.exists() else None
+        machine = _load(machine_toml, parse_machine_config, problems) if machine_toml.exists() else None
+        expected = machine.machine.id52 if machine else None
+        key_path = ("machine", machine.machine.name, "id52") if machine else ()
+        identity = _key(path / "machine.private-key", expected, machine_toml, key_path, problems)
+        return ClusterEntry(alias, path, MACHINE, identity, machine=machine, info=info, problems=tuple(problems))
+    return ClusterEntry(alias, path, None, problems=(
+        f"{path}: neither cluster.toml nor machine.toml nor cluster-info.toml; "
+        "run `malai cluster init` or `malai machine init`, or remove the folder",
+    ))
+
+
+def _load(path: Path, parse, problems: List[str]):
+    try:
+        return parse(path.read_text(), str(path))
+    except ConfigError as e:
+        problems.extend(str(p) for p in e.problems)
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"{path}: cannot read: {e}")
+    return None
+
+
+def _key(path: Path, expected: Optional[str], config: Path, key_path: Tuple[str, ...], problems: List[str]) -> Optional[Identity]:
+    try:
+        identity = Identity.load(path)
+    except MalaiError as e:
+        problems.append(str(e))
+        return None
+    if expected is not None and identity.id52 != expected:
+        line = KeyLocator(config.read_text()).line_of(key_path)
+        problems.append(
+            f"{config}:{line}: {'.'.join(key_path)}: names {expected} but the key {path.name} is "
+            f"{identity.id52}; restore the matching key or fix the id52"
+        )
+    return identity
