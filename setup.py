@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Peer-to-peer infrastructure daemon: commands and services by ed25519 identity",
     python_requires=">=3.11",
-    packages=find_packages(include=["malai", "malai.*"]),
+    packages=[*find_packages(include=["malai", "malai.*"]), "twisted.plugins"],
     install_requires=[
         "twisted[tls]>=24.7",
         "pynacl>=1.5",

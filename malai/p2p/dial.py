@@ -1,0 +1,186 @@
+"""Dialing by ID52: connection hints, an address book, and a Happy Eyeballs race.
+
+A hint says one way to reach a peer (``tcp:HOST:PORT`` today; ``relay:`` and
+``tor:`` plug in as more kinds). ``Dialer.connect`` starts the hints one after
+another, ``stagger`` seconds apart, keeps the first verified link and cancels
+the rest; a wrong key ends the race at once.
+"""
+
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from malai.errors import MalaiError
+from malai.identity import Identity
+from malai.p2p.link import WrongPeer, connect_verified
+from malai.p2p.tls import PeerTLS
+
+__all__ = ["AddressBook", "DialError", "Dialer", "hint_endpoint", "normalize_hint"]
+
+
+class DialError(MalaiError):
+    """No link could be made to a peer."""
+
+
+def normalize_hint(hint: str) -> str:
+    """``HOST:PORT`` is short for ``tcp:HOST:PORT``."""
+    return hint if hint.split(":", 1)[0] in ("tcp",) else f"tcp:{hint}"
+
+
+def hint_endpoint(reactor, hint: str, timeout: float) -> IStreamClientEndpoint:
+    """The client endpoint a hint names."""
+    kind, _, rest = normalize_hint(hint).partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or not host or not port.isdigit():
+        raise DialError(f"cannot use connection hint {hint!r}: expected tcp:HOST:PORT")
+    return HostnameEndpoint(reactor, host.strip("[]"), int(port), timeout=timeout)
+
+
+class AddressBook:
+    """Known hints per ID52: from config and from what was learnt at run time."""
+
+    def __init__(self) -> None:
+        self._configured: Dict[str, Tuple[str, ...]] = {}
+        self._learnt: Dict[str, List[str]] = {}
+
+    def configure(self, id52: str, hints: Iterable[str]) -> None:
+        self._configured[id52] = tuple(normalize_hint(h) for h in hints)
+
+    def learn(self, id52: str, hint: str) -> None:
+        """A hint that just worked, or that the peer or the CM told us: tried first."""
+        hint = normalize_hint(hint)
+        learnt = self._learnt.setdefault(id52, [])
+        if hint in learnt:
+            learnt.remove(hint)
+        learnt.insert(0, hint)
+
+    def hints(self, id52: str) -> List[str]:
+        out: List[str] = []
+        for hint in (*self._learnt.get(id52, ()), *self._configured.get(id52, ())):
+            if hint not in out:
+                out.append(hint)
+        return out
+
+
+class Dialer:
+    """Connects a local identity to a remote ID52."""
+
+    def __init__(self, reactor, tls: PeerTLS, book: AddressBook, stagger: float = 0.25, timeout: float = 10.0,
+                 endpoint_for=hint_endpoint):
+        self.reactor = reactor
+        self.endpoint_for = endpoint_for
+        self.tls = tls
+        self.book = book
+        self.stagger = stagger
+        self.timeout = timeout
+
+    def connect(self, local: Identity, peer: str, factory: Factory, hints: Optional[Iterable[str]] = None) -> Deferred:
+        """Fire with ``factory``'s protocol on a verified link to ``peer``."""
+        hints = list(hints) if hints is not None else self.book.hints(peer)
+        if not hints:
+            return _fail(DialError(f"no known address for {peer}: add addrs to the config or pass --addr"))
+        race = _Race(self, local, peer, factory, [normalize_hint(h) for h in hints])
+        return race.start()
+
+
+def _fail(error: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(Failure(error))
+    return d
+
+
+class _Race:
+    """One Happy Eyeballs dial: attempts started ``stagger`` apart, first success wins."""
+
+    def __init__(self, dialer: Dialer, local: Identity, peer: str, factory: Factory, hints: List[str]):
+        self.dialer, self.local, self.peer, self.factory = dialer, local, peer, factory
+        self.pending = list(hints)
+        self.attempts: Dict[str, Deferred] = {}
+        self.errors: Dict[str, str] = {}
+        self.result: Deferred = Deferred(lambda d: self._stop())
+        self.next_call = None
+        self.deadline = None
+
+    def start(self) -> Deferred:
+        self.deadline = self.dialer.reactor.callLater(self.dialer.timeout, self._timed_out)
+        self._launch()
+        return self.result
+
+    def _launch(self) -> None:
+        self.next_call = None
+        if self.result.called:
+            return
+        if not self.pending:
+            if not self.attempts:
+                self._give_up()
+            return
+        hint = self.pending.pop(0)
+        try:
+            endpoint = self.dialer.endpoint_for(self.dialer.reactor, hint, self.dialer.timeout)
+        except DialError as e:
+            self.errors[hint] = str(e)
+            self._launch()
+            return
+        d = connect_verified(self.dialer.tls, self.local, self.peer, endpoint, self.factory, hint)
+        self.attempts[hint] = d
+        d.addCallbacks(self._won, self._lost, callbackArgs=(hint,), errbackArgs=(hint,))
+        if self.pending:
+            self.next_call = self.dialer.reactor.callLater(self.dialer.stagger, self._launch)
+
+    def _won(self, protocol, hint: str) -> None:
+        del self.attempts[hint]
+        if self.result.called:
+            protocol.transport.loseConnection()
+            return
+        self.dialer.book.learn(self.peer, hint)
+        self.result.callback(protocol)
+        self._stop()
+
+    def _lost(self, failure: Failure, hint: str) -> None:
+        self.attempts.pop(hint, None)
+        if failure.check(CancelledError, ConnectingCancelledError) or self.result.called:
+            return
+        self.errors[hint] = _reason(failure)
+        if failure.check(WrongPeer):
+            self._stop()
+            self.result.errback(failure)
+            return
+        if self.next_call is not None:
+            self.next_call.cancel()
+        self._launch()
+
+    def _timed_out(self) -> None:
+        self.deadline = None
+        for hint in self.attempts:
+            self.errors[hint] = f"no answer within {self.dialer.timeout:g}s"
+        self._give_up()
+
+    def _give_up(self) -> None:
+        if self.result.called:
+            return
+        self._stop()
+        tried = "; ".join(f"{h}: {e}" for h, e in self.errors.items())
+        self.result.errback(Failure(DialError(f"cannot reach {self.peer}: tried {tried}")))
+
+    def _stop(self) -> None:
+        for call in (self.next_call, self.deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self.next_call = self.deadline = None
+        attempts, self.attempts = self.attempts, {}
+        for d in attempts.values():
+            d.cancel()
+
+
+def _reason(failure: Failure) -> str:
+    if isinstance(failure.value, MalaiError):
+        return str(failure.value)
+    text = failure.getErrorMessage()
+    return text.split(": ", 1)[-1] if "Connection was refused" in text else text
+
+

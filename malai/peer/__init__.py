@@ -1,0 +1,1 @@
+"""What flows over a peer link: AMP commands, responders, the link pool."""
