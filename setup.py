@@ -19,7 +19,7 @@ setup(
         "txtorcon>=23",
     ],
     extras_require={
-        "test": ["hypothesis>=6", "ruff", "mypy"],
+        "test": ["hypothesis>=6", "ruff", "mypy", "mypy-zope"],
     },
     entry_points={"console_scripts": ["malai = malai.cli:run"]},
 )

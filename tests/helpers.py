@@ -73,3 +73,79 @@ def run_malai(home: Path, *args: str, env: Optional[Dict[str, str]] = None, inpu
     full_env = dict(os.environ, MALAI_HOME=str(home), **(env or {}))
     return subprocess.run([MALAI, *args], env=full_env, capture_output=True, text=True,
                           input=input, timeout=timeout)
+
+
+def short_home(testcase) -> Path:
+    """A MALAI_HOME short enough for a UNIX socket path, removed after the test."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="malai-", dir="/tmp"))
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+class DaemonHome:
+    """A temporary MALAI_HOME with helpers to drive a real daemon through the CLI."""
+
+    def __init__(self, testcase):
+        self.testcase = testcase
+        self.root = short_home(testcase)
+        testcase.addCleanup(self.kill)
+
+    def malai(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return run_malai(self.root, *args, **kw)
+
+    def ok(self, *args: str, **kw) -> str:
+        r = self.malai(*args, **kw)
+        if r.returncode != 0:
+            raise AssertionError(f"malai {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+        return r.stdout
+
+    def start(self, *listen: str) -> str:
+        args = ["daemon"]
+        for endpoint in listen or ("tcp:0:interface=127.0.0.1",):
+            args += ["--listen", endpoint]
+        return self.ok(*args)
+
+    def status(self) -> dict:
+        import json
+
+        return json.loads(self.malai("status", "--json").stdout)
+
+    def pid(self) -> Optional[int]:
+        try:
+            text = (self.root / "malai.lock").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text else None
+
+    def peer_addr(self) -> str:
+        return self.status()["listen"][0]
+
+    def kill(self) -> None:
+        import signal
+        import time
+
+        pid = self.pid()
+        if not pid or is_dead(pid):
+            return
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if is_dead(pid):
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+
+
+def is_dead(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie nobody reaped counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

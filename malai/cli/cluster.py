@@ -59,4 +59,7 @@ def run_init(args) -> int:
     print(f"  1. on each machine: malai machine init {identity.id52} {args.name} --addr <this-host>:7420")
     print(f"  2. add the [machine.NAME] snippet it prints to {folder / 'cluster.toml'}")
     print(f"  3. check it: malai rescan --check {args.name}")
+    from malai.cli.rescan import notify_daemon
+
+    notify_daemon(home, args.name)
     return 0

@@ -62,4 +62,7 @@ def run_init(args) -> int:
     print(f"[machine.{name}]")
     print(f'id52 = "{identity.id52}"')
     print('# allow_from = "admins"')
+    from malai.cli.rescan import notify_daemon
+
+    notify_daemon(home, args.alias)
     return 0

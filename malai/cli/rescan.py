@@ -2,9 +2,8 @@
 
 import sys
 
-from malai.cli.common import home_of
+from malai.cli.common import home_of, run_twisted
 from malai.config import ConfigError
-from malai.errors import UsageError
 
 
 def add_parser(sub) -> None:
@@ -36,4 +35,38 @@ def run(args) -> int:
     home = home_of(args)
     if args.check:
         return check(home, args.cluster)
-    raise UsageError("applying a rescan needs the daemon, which this version does not have yet; use --check")
+    return run_twisted(_apply_if_running, home, args.cluster, True)
+
+
+async def _apply_if_running(reactor, home, cluster, check_when_stopped: bool) -> int:
+    from malai.cli.daemon import RUNNING, daemon_state
+
+    if (await daemon_state(reactor, home))["state"] != RUNNING:
+        if not check_when_stopped:
+            return 0
+        code = check(home, cluster)
+        print("the daemon is not running: nothing applied (it loads these files when it starts)")
+        return code
+    print("the running daemon rescans:" if check_when_stopped else f"the running daemon loads {cluster!r}:")
+    return await _apply(reactor, home, cluster)
+
+
+async def _apply(reactor, home, cluster) -> int:
+    """Ask the running daemon to rescan; print what it did per cluster."""
+    from malai.control.client import call
+    from malai.control.commands import Rescan
+
+    kwargs = {"cluster": cluster} if cluster else {}
+    answer = await call(reactor, home.socket, Rescan, check=False, **kwargs)
+    refused = False
+    for report in answer["reports"]:
+        print(f"  {report['cluster']}: {report['action']}")
+        for problem in report["problems"]:
+            print(f"    {problem}", file=sys.stderr)
+        refused = refused or report["action"] == "refused"
+    return 1 if refused else 0
+
+
+def notify_daemon(home, cluster: str) -> None:
+    """After ``cluster init`` / ``machine init``: load the new cluster when a daemon runs."""
+    run_twisted(_apply_if_running, home, cluster, False)

@@ -12,6 +12,7 @@ import attrs
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -74,10 +75,11 @@ class _Gate(Protocol):
             done, self._done = self._done, None
             done.callback(app)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         if self._done is not None:
             done, self._done = self._done, None
-            done.errback(_explain(reason, getattr(self.transport, "malai_verdict", None), self._hint))
+            done.errback(_explain(reason or Failure(ConnectionDone()), getattr(self.transport, "malai_verdict", None),
+                                  self._hint))
         elif reason is not None and reason.check(SSL.Error):
             verdict = getattr(self.transport, "malai_verdict", None)
             self.log.info("refused a link: {why}", why=_explain(reason, verdict, None).value)
@@ -103,6 +105,8 @@ def _ssl_text(error: Exception) -> str:
 
 
 class _GateFactory(Factory):
+    noisy = False
+
     def __init__(self, build: Router, local: Optional[str] = None, hint: Optional[str] = None,
                  done: Optional[Deferred] = None):
         self._args = (build, local, hint, done)
@@ -128,7 +132,12 @@ def connect_verified(tls: PeerTLS, local: Identity, expected: str, endpoint: ISt
     connected: list = []
     connecting = wrapClientTLS(tls.client_for(local, expected), endpoint).connect(
         _GateFactory(build, local.id52, hint, done))
-    connecting.addCallbacks(connected.append, lambda f: done.called or done.errback(f))
+
+    def failed(reason: Failure) -> None:
+        if not done.called:
+            done.errback(reason)
+
+    connecting.addCallbacks(connected.append, failed)
 
     def cancel(_: Deferred) -> None:
         connecting.cancel()

@@ -49,7 +49,7 @@ class PeerAMP(amp.AMP, TimeoutMixin):
         self.idle_timeout = idle_timeout
         self._closing = None
         if clock is not None:
-            self.callLater = clock.callLater
+            self.callLater = clock.callLater  # type: ignore[method-assign]
 
     # -- connection ---------------------------------------------------------
     def connectionMade(self) -> None:

@@ -1,0 +1,172 @@
+"""``malai daemon``, ``malai status``, ``malai stop``."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from malai.cli.common import home_of, print_json, run_twisted
+from malai.errors import MalaiError
+from malai.home import Home
+from malai.lock import DaemonLock
+
+RUNNING, NOT_RUNNING, STALE = "RUNNING", "NOT RUNNING", "STALE"
+EXIT_NOT_RUNNING = 3
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("daemon", help="start the daemon (in the background unless --foreground)",
+                       description="Start the malai daemon for every cluster in MALAI_HOME. Returns once it "
+                                   "answers on its control socket, or prints why it could not start (exit 1).")
+    p.add_argument("--foreground", action="store_true", help="stay attached and log to stdout")
+    p.add_argument("--listen", action="append", default=[], metavar="ENDPOINT",
+                   help="peer listen endpoint, e.g. tcp:7420 (repeatable; default [daemon] listen, else tcp:7420)")
+    p.add_argument("--json-logs", action="store_true", help="log JSON lines instead of text")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon to answer")
+    p.set_defaults(run=run_daemon)
+
+    s = sub.add_parser("status", help="is the daemon running, and what it serves",
+                       description="Exit 0 when the daemon runs, 3 when it does not.")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(run=run_status)
+
+    t = sub.add_parser("stop", help="stop the daemon",
+                       description="Stop accepting, let in-flight work finish, remove the socket, release the lock.")
+    t.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it to exit")
+    t.set_defaults(run=run_stop)
+
+
+def twistd_argv(home: Home, args, logfile: str) -> List[str]:
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    argv = [twistd, "--nodaemon", "--pidfile=", f"--logfile={logfile}"]
+    if args.json_logs:
+        argv.append("--logger=malai.logs.json_observer")
+    argv += ["malai", "--home", str(home.root)]
+    for listen in args.listen:
+        argv += ["--listen", listen]
+    return argv
+
+
+def run_daemon(args) -> int:
+    home = home_of(args)
+    home.ensure()
+    env = dict(os.environ, MALAI_HOME=str(home.root))
+    if args.foreground:
+        env["MALAI_LOG_FILE"] = "-"
+        argv = twistd_argv(home, args, "-")
+        os.execve(argv[0], argv, env)
+    pid = DaemonLock(home.lock).holder()
+    if pid:
+        raise MalaiError(f"already running (pid {pid})")
+    home.log_dir.mkdir(mode=0o700, exist_ok=True)
+    logfile = home.log_dir / "malai.log"
+    env["MALAI_LOG_FILE"] = str(logfile)
+    output = home.log_dir / "daemon.out"
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(twistd_argv(home, args, str(logfile)), env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            text = output.read_text(errors="replace").strip()
+            raise MalaiError(_startup_error(text, logfile) or f"the daemon exited with status {proc.returncode}; see {logfile}")
+        if _answers(home.socket) and DaemonLock(home.lock).holder() == proc.pid:
+            print(f"malai daemon running (pid {proc.pid}); logs in {logfile}")
+            return 0
+        time.sleep(0.05)
+    raise MalaiError(f"the daemon (pid {proc.pid}) did not answer within {args.timeout:g}s; see {logfile}")
+
+
+def _startup_error(output: str, logfile: Path) -> Optional[str]:
+    lines = [line for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("malai: "):
+            return line[len("malai: "):]
+    try:
+        for line in logfile.read_text(errors="replace").splitlines():
+            if "cannot start:" in line:
+                return line.split("cannot start:", 1)[1].strip()
+    except FileNotFoundError:
+        pass
+    return lines[-1] if lines else None
+
+
+def _answers(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+async def daemon_state(reactor, home: Home) -> dict:
+    """RUNNING (with the daemon's status), NOT RUNNING, or STALE with the fix."""
+    from malai.control.client import call
+    from malai.control.commands import Status
+
+    pid = DaemonLock(home.lock).holder()
+    if not pid:
+        if home.socket.exists():
+            return {"state": STALE, "fix": f"a daemon died and left {home.socket}; "
+                                             "`malai daemon` replaces it (or remove it)"}
+        return {"state": NOT_RUNNING}
+    try:
+        status = await call(reactor, home.socket, Status)
+    except Exception as e:
+        return {"state": STALE, "pid": pid,
+                "fix": f"pid {pid} holds {home.lock} but does not answer ({e}); run `kill {pid}`"}
+    return {"state": RUNNING, **status}
+
+
+def run_status(args) -> int:
+    state = run_twisted(daemon_state, home_of(args))
+    if args.json:
+        print_json(state)
+    else:
+        _print_status(state)
+    return 0 if state["state"] == RUNNING else EXIT_NOT_RUNNING
+
+
+def _print_status(state: dict) -> None:
+    print(state["state"])
+    if "fix" in state:
+        print(f"  {state['fix']}")
+    if state["state"] != RUNNING:
+        return
+    print(f"  pid {state['pid']}, malai {state['version']}, up {_duration(state['uptime'])}")
+    print(f"  peers on {', '.join(state['listen']) or 'nothing'}")
+    for c in state["clusters"]:
+        waiting = " (waiting for its first config)" if c["waiting_for_config"] else ""
+        machines = f", {c['machines']} machines" if c["role"] == "manager" else ""
+        print(f"  {c['cluster']:<16} {c['role']:<8} {c['id52']}{machines}, {c['links']} links{waiting}")
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_stop(args) -> int:
+    from malai.control.client import call
+    from malai.control.commands import Stop
+
+    home = home_of(args)
+    lock = DaemonLock(home.lock)
+    pid = lock.holder()
+    if not pid:
+        print("malai daemon is not running")
+        return 0
+    run_twisted(call, home.socket, Stop)
+    deadline = time.monotonic() + args.timeout
+    while lock.holder():
+        if time.monotonic() > deadline:
+            raise MalaiError(f"the daemon (pid {pid}) did not stop within {args.timeout:g}s; run `kill {pid}`")
+        time.sleep(0.05)
+    print(f"malai daemon stopped (pid {pid})")
+    return 0

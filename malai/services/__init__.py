@@ -1,0 +1,1 @@
+"""The daemon's Twisted service tree (see docs/architecture.md)."""

@@ -1,0 +1,44 @@
+"""``ListeningService``: a named service listening on one endpoint string."""
+
+from typing import Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+
+__all__ = ["ListeningService"]
+
+
+class ListeningService(Service):
+    """Listens while running; ``ready`` fires with the port (or the failure to listen)."""
+
+    def __init__(self, reactor, description: str, factory: Factory):
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.port: Optional[IListeningPort] = None
+        self.ready: Optional[Deferred] = None
+        self.setName(f"listen {description}")
+
+    def startService(self) -> None:
+        super().startService()
+        self.ready = serverFromString(self.reactor, self.description).listen(self.factory)
+        self.ready.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else succeed(None)
+
+    def address(self) -> str:
+        if self.port is None:
+            return self.description
+        host = self.port.getHost()
+        port = getattr(host, "port", None)
+        return f"{getattr(host, 'host', '')}:{port}" if port is not None else str(getattr(host, "name", host))

@@ -1,0 +1,242 @@
+"""``MalaiService``: the daemon's root. Owns the lock, the peer stack and one
+``ClusterService`` per cluster, and reconciles them with MALAI_HOME on rescan."""
+
+import os
+import signal
+import time
+from typing import Dict, List, Optional, Sequence
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, inlineCallbacks
+from twisted.logger import Logger
+
+import malai
+from malai.config import ConfigError
+from malai.errors import MalaiError
+from malai.home import ClusterEntry, Home
+from malai.lock import DaemonLock
+from malai.p2p.dial import AddressBook, Dialer
+from malai.p2p.link import PeerAddress, server_factory
+from malai.p2p.tls import PeerTLS
+from malai.peer.links import LinkPool
+from malai.peer.protocol import HelloInfo, PeerAMP, PeerAMPFactory
+from malai.services.cluster import ClusterService
+from malai.services.listening import ListeningService
+
+__all__ = ["MalaiService", "Report"]
+
+IDLE_TIMEOUT = 300.0
+
+
+@attrs.frozen
+class Report:
+    """What a rescan did (or, with check, would do) to one cluster."""
+
+    cluster: str
+    action: str  # added, removed, reloaded, unchanged, refused
+    problems: Sequence[str] = ()
+
+    def as_dict(self) -> dict:
+        return {"cluster": self.cluster, "action": self.action, "problems": list(self.problems)}
+
+
+class MalaiService(MultiService):
+    log = Logger()
+
+    def __init__(self, reactor, home: Home, lock: DaemonLock, listen: Sequence[str], control: str,
+                 stop_timeout: float = 10.0):
+        super().__init__()
+        self.reactor = reactor
+        self.home = home
+        self.lock = lock
+        self.stop_timeout = stop_timeout
+        self.started_at = time.time()
+        self.tls = PeerTLS()
+        self.book = AddressBook()
+        self.dialer = Dialer(reactor, self.tls, self.book)
+        self.hello = HelloInfo()
+        self.pool = LinkPool(self.dialer, PeerAMPFactory(
+            self.hello, dialer=True, responder=self._responder, idle_timeout=IDLE_TIMEOUT, clock=reactor))
+        self._accepted = PeerAMPFactory(self.hello, dialer=False, responder=self._responder,
+                                        idle_timeout=IDLE_TIMEOUT, clock=reactor)
+        self.clusters: Dict[str, ClusterService] = {}
+        self.listeners: List[ListeningService] = []
+        for description in listen:
+            svc = ListeningService(reactor, description, server_factory(self.tls, self._route))
+            svc.setServiceParent(self)
+            self.listeners.append(svc)
+        from malai.control.server import ControlFactory
+
+        self.control = ListeningService(reactor, control, ControlFactory(self))
+        self.started: Deferred = Deferred()
+
+    # -- lifecycle ------------------------------------------------------------
+    def startService(self) -> None:
+        """Bind peer listeners, load every cluster, then open the control socket:
+        once the socket answers, the daemon is ready. ``started`` fires then."""
+        self.lock.write_pid()  # again: twistd may have forked since makeService
+        super().startService()
+        # twistd starts services before the reactor runs; start for real once it does,
+        # so the socket answers only when signal handlers are in place.
+        self.reactor.callWhenRunning(self._start)
+
+    def _start(self) -> None:
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._sighup))
+        # SIGTERM is an ordinary stop (exit 0), not twistd's re-raised signal.
+        signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self._sigterm))
+        d = gatherResults([svc.ready for svc in self.listeners], consumeErrors=True)
+        d.addCallback(lambda _: self.rescan())
+        d.addCallback(self.log_reports)
+        d.addCallback(lambda _: self.control.setServiceParent(self))
+        d.addCallback(lambda _: self.control.ready)
+        d.addCallback(lambda _: self.log.info("malai {version} ready, pid {pid}, peers on {listen}",
+                                              version=malai.__version__, pid=os.getpid(), listen=self.addresses()))
+        d.addErrback(self._fatal)
+        d.chainDeferred(self.started)
+
+    def _fatal(self, failure) -> None:
+        """A start-up error (a port in use, say): log it, stop, and exit with status 1."""
+        error = failure.value.subFailure.value if hasattr(failure.value, "subFailure") else failure.value
+        self.log.critical("cannot start: {error}", error=error)
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self.reactor.stop()
+
+    def _sigterm(self) -> None:
+        self.log.info("SIGTERM: stopping")
+        self.reactor.stop()
+
+    def _sighup(self) -> None:
+        self.log.info("SIGHUP: rescanning every cluster")
+        self.log_reports(self.rescan())
+
+    def log_reports(self, reports: List[Report]) -> None:
+        for r in reports:
+            self.log.info("cluster {cluster}: {action}{problems}", cluster=r.cluster, action=r.action,
+                          problems="".join(f"\n  {p}" for p in r.problems))
+
+    @inlineCallbacks
+    def stopService(self):
+        """Stop accepting, let links finish up to ``stop_timeout``, then release the lock."""
+        self.log.info("stopping")
+        for svc in [self.control, *self.listeners]:
+            if svc.running:
+                yield svc.stopService()
+        closing = self.pool.close()
+        timeout = self.reactor.callLater(self.stop_timeout, self._abort_links)
+        yield closing
+        if timeout.active():
+            timeout.cancel()
+        yield super().stopService()
+        self.lock.release()
+
+    def _abort_links(self) -> None:
+        for link in self.pool.links():
+            link.transport.abortConnection()
+
+    # -- peers ------------------------------------------------------------------
+    def _cluster_for(self, local: str) -> Optional[ClusterService]:
+        for svc in self.clusters.values():
+            if svc.identity.id52 == local:
+                return svc
+        return None
+
+    def _responder(self, addr: PeerAddress):
+        cluster = self._cluster_for(addr.local)
+        return cluster.responder_for(addr) if cluster is not None else None
+
+    def _route(self, addr: PeerAddress) -> Optional[PeerAMP]:
+        cluster = self._cluster_for(addr.local)
+        if cluster is None or not cluster.knows(addr.peer):
+            return None
+        link = self._accepted.buildProtocol(addr)
+        link.ready.addCallback(lambda _: self.pool.adopt(link))
+        link.ready.addErrback(lambda f: None)  # the link logs its own refusal
+        return link
+
+    def addresses(self) -> List[str]:
+        return [svc.address() for svc in self.listeners]
+
+    def links_of(self, id52: str) -> int:
+        return sum(1 for link in self.pool.links() if link.peer.local == id52)
+
+    # -- rescan -----------------------------------------------------------------
+    def rescan(self, only: Optional[str] = None, check: bool = False) -> List[Report]:
+        """Validate everything, then apply only what differs; a broken cluster is
+        refused and keeps running as it was, the others are untouched."""
+        reports: List[Report] = []
+        try:
+            self.home.load_device()
+        except ConfigError as e:
+            reports.append(Report("malai.toml", "refused", [str(p) for p in e.problems]))
+        entries = self.home.scan(only)
+        by_id52: Dict[str, str] = {}
+        for entry in entries:
+            problems = list(entry.problems)
+            if entry.id52 and by_id52.setdefault(entry.id52, entry.alias) != entry.alias:
+                problems.append(f"{entry.path}: same identity as cluster {by_id52[entry.id52]}; "
+                                "every cluster needs its own key")
+            if problems:
+                reports.append(Report(entry.alias, "refused", problems))
+            else:
+                reports.append(Report(entry.alias, self._apply(entry, check)))
+        if only is None:
+            present = {e.alias for e in entries}
+            for alias in sorted(set(self.clusters) - present):
+                if not check:
+                    self._remove(alias)
+                reports.append(Report(alias, "removed"))
+        return reports
+
+    def _apply(self, entry: ClusterEntry, check: bool) -> str:
+        current = self.clusters.get(entry.alias)
+        if current is None:
+            action = "added"
+        elif current.entry == entry:
+            return "unchanged"
+        else:
+            action = "reloaded"
+        if check:
+            return action
+        if current is not None and (current.identity.id52 != entry.id52 or current.role != entry.role):
+            self._remove(entry.alias)
+            current = None
+        if current is None:
+            self._add(entry)
+        else:
+            current.reconfigure(entry)
+            self._configure_book(current)
+        return action
+
+    def _add(self, entry: ClusterEntry) -> None:
+        svc = ClusterService(entry)
+        self.tls.add(svc.identity)
+        self._configure_book(svc)
+        self.clusters[entry.alias] = svc
+        svc.setServiceParent(self)
+
+    def _configure_book(self, svc: ClusterService) -> None:
+        for id52, hints in svc.addresses().items():
+            self.book.configure(id52, hints)
+
+    def _remove(self, alias: str) -> Deferred:
+        svc = self.clusters.pop(alias)
+        self.tls.remove(svc.identity.id52)
+        closing = self.pool.close(svc.identity.id52)
+        stopped = svc.disownServiceParent()
+        return DeferredList([closing, stopped]) if stopped is not None else closing
+
+    # -- control --------------------------------------------------------------
+    def status(self) -> dict:
+        clusters = []
+        for svc in self.clusters.values():
+            clusters.append({**svc.summary(), "links": self.links_of(svc.identity.id52)})
+        return {"pid": os.getpid(), "version": malai.__version__, "uptime": time.time() - self.started_at,
+                "listen": self.addresses(), "clusters": clusters}
+
+    def cluster(self, alias: str) -> ClusterService:
+        try:
+            return self.clusters[alias]
+        except KeyError:
+            raise MalaiError(f"this daemon serves no cluster {alias!r}; clusters: "
+                             f"{', '.join(self.clusters) or 'none'}") from None
