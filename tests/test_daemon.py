@@ -77,7 +77,7 @@ class LifecycleTests(TestCase):
             p.stderr.close()
         codes = sorted(code for code, _, _ in results)
         self.assertEqual(codes, [0, 1, 1], results)
-        for code, out, err in results:
+        for code, _out, err in results:
             if code:
                 self.assertIn("already running", err)
         self.assertEqual(home.status()["state"], "RUNNING")

@@ -1,0 +1,12 @@
+"""Run every benchmark in bench/ (``make bench``)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = ["peer_link.py"]
+
+if __name__ == "__main__":
+    here = Path(__file__).parent
+    codes = [subprocess.call([sys.executable, str(here / name), *sys.argv[1:]]) for name in BENCHMARKS]
+    sys.exit(max(codes))
