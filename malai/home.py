@@ -99,6 +99,19 @@ class Home:
         self.clusters.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
 
+    def new_cluster(self, alias: str, key_file: str) -> Tuple[Path, Identity]:
+        """Create ``clusters/<alias>/`` (0700) with a new key in ``key_file``; refuse an existing one."""
+        self.ensure()
+        folder = self.cluster_dir(alias)
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            raise MalaiError(f"cluster {alias!r} already exists at {folder}; "
+                             "pick another name or remove that folder") from None
+        identity = Identity.generate()
+        identity.save(folder / key_file)
+        return folder, identity
+
     def load_device(self) -> DeviceConfig:
         try:
             text = self.device_config.read_text()

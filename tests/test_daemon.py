@@ -125,6 +125,23 @@ class LifecycleTests(TestCase):
         self.assertIn("stopping", log)
         self.assertEqual(home.malai("status").returncode, 3)
 
+    def test_foreground_logs_to_stdout(self):
+        home = DaemonHome(self)
+        home.ok("cluster", "init", "company")
+        malai = str(Path(sys.executable).with_name("malai"))
+        proc = subprocess.Popen([malai, "daemon", "--foreground", "--listen", "tcp:0:interface=127.0.0.1"],
+                                env=dict(os.environ, MALAI_HOME=str(home.root)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(proc.stdout.close)
+        wait_for(lambda: home.malai("status").returncode == 0, what="the daemon")
+        self.assertEqual(home.status()["pid"], proc.pid)  # exec'd in place: the same process
+        self.assertEqual(home.malai("stop").returncode, 0)
+        self.assertEqual(proc.wait(30), 0)
+        out = proc.stdout.read()
+        self.assertIn("cluster company: added", out)
+        self.assertIn("ready", out)
+        self.assertFalse((home.root / "log" / "malai.log").exists())
+
     def test_json_logs(self):
         home = DaemonHome(self)
         home.ok("daemon", "--json-logs", "--listen", "tcp:0:interface=127.0.0.1")
@@ -196,6 +213,15 @@ class RescanTests(TestCase):
         os.rename(self.cm.root / "gamma.away", self.cm.root / "clusters" / "delta")
         os.kill(self.cm.pid(), signal.SIGHUP)
         wait_for(lambda: "delta" in {c["cluster"] for c in self.cm.status()["clusters"]}, what="SIGHUP rescan")
+
+    def test_manager_learns_where_a_machine_listens(self):
+        # cluster.toml has no addrs for web01; its Hello told the manager where it listens
+        self.assertIn("answer from", self.web.ok("ping", "manager.alpha"))
+        addr = self.web.peer_addr()
+        self.web.ok("stop")
+        self.web.start(f"tcp:{addr.rsplit(':', 1)[1]}:interface=127.0.0.1")
+        out = self.cm.ok("ping", "web01.alpha")
+        self.assertIn(f"via tcp:{addr}", out)
 
     def test_ping_errors(self):
         r = self.web.malai("ping", "nobody.alpha")

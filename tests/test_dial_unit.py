@@ -8,7 +8,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from malai.identity import Identity
-from malai.p2p.dial import AddressBook, Dialer, DialError
+from malai.p2p.dial import AddressBook, Dialer, DialError, advertised_hint
 from malai.p2p.link import PeerAddress, WrongPeer
 from malai.p2p.tls import PeerTLS
 from malai.peer.commands import Ping
@@ -73,6 +73,11 @@ class DialerRaceTests(SynchronousTestCase):
         dialer = Dialer(self.clock, PeerTLS(), AddressBook())
         d = dialer.connect(self.me, self.peer, PeerAMPFactory(HelloInfo(), True), ["tcp:nohostport"])
         self.assertIn("expected tcp:HOST:PORT", str(self.failureResultOf(d, DialError).value))
+
+    def test_advertised_hint(self):
+        self.assertEqual(advertised_hint("0.0.0.0:7420", "192.0.2.5"), "tcp:192.0.2.5:7420")
+        self.assertEqual(advertised_hint("[::]:7420", "2001:db8::1"), "tcp:[2001:db8::1]:7420")
+        self.assertEqual(advertised_hint("127.0.0.1:7421", "127.0.0.2"), "tcp:127.0.0.1:7421")
 
     def test_address_book_order(self):
         book = AddressBook()

@@ -101,6 +101,31 @@ class LinkTests(TestCase):
         self.assertEqual(got, [])
 
     @defer.inlineCallbacks
+    def test_server_with_a_non_ed25519_certificate_is_refused(self):
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.server.id52)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                .sign(key, hashes.SHA256()))
+        options = CertificateOptions(privateKey=key, certificate=cert, raiseMinimumTo=TLSVersion.TLSv1_3)
+        port = reactor.listenTCP(0, TLSMemoryBIOFactory(options, False, Factory.forProtocol(Protocol)),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        # Refused during the handshake: by our verifier (not ed25519) or earlier, when
+        # OpenSSL finds no signature algorithm both sides accept.
+        e = yield self.assertFailure(
+            self.pool.get(self.client, self.server.id52, [f"127.0.0.1:{port.getHost().port}"]), WrongPeer, DialError)
+        self.assertTrue("not ed25519" in str(e) or "TLS handshake" in str(e), str(e))
+
+    @defer.inlineCallbacks
     def test_unknown_client_closed_after_handshake(self):
         server = Server(self, [self.server], allowed=[])
         e = yield self.assertFailure(self.pool.get(self.client, self.server.id52, [server.addr]), Exception)

@@ -35,6 +35,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for line in str(e).splitlines():
             print(f"malai: {line}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file or folder we cannot read or write
+        where = f" {e.filename}" if e.filename else ""
+        print(f"malai:{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -3,8 +3,7 @@
 from malai.atomic import write_atomic
 from malai.cli.common import home_of
 from malai.config.reader import check_name
-from malai.errors import MalaiError, UsageError
-from malai.identity import Identity
+from malai.errors import UsageError
 
 TEMPLATE = '''\
 # cluster.toml: the source of truth for cluster {name!r}, managed by this device.
@@ -44,13 +43,7 @@ def run_init(args) -> int:
     if error:
         raise UsageError(f"cluster name {error}")
     home = home_of(args)
-    home.ensure()
-    folder = home.cluster_dir(args.name)
-    if folder.exists():
-        raise MalaiError(f"cluster {args.name!r} already exists at {folder}; pick another name or remove that folder")
-    folder.mkdir(mode=0o700)
-    identity = Identity.generate()
-    identity.save(folder / "cluster.private-key")
+    folder, identity = home.new_cluster(args.name, "cluster.private-key")
     write_atomic(folder / "cluster.toml", TEMPLATE.format(name=args.name, id52=identity.id52).encode())
     print(f"Created cluster {args.name!r}; this device is its manager.")
     print(f"  manager ID52: {identity.id52}")

@@ -7,8 +7,8 @@ from malai.cli.common import home_of
 from malai.config.cluster_info import render_cluster_info
 from malai.config.models import ClusterInfo
 from malai.config.reader import check_addr, check_name
-from malai.errors import MalaiError, UsageError
-from malai.identity import ID52Error, Identity, parse_id52
+from malai.errors import UsageError
+from malai.identity import ID52Error, parse_id52
 
 
 def add_parser(sub) -> None:
@@ -46,13 +46,7 @@ def run_init(args) -> int:
             raise UsageError(f"--addr: {error}")
     name = args.name or _default_name()
     home = home_of(args)
-    home.ensure()
-    folder = home.cluster_dir(args.alias)
-    if folder.exists():
-        raise MalaiError(f"cluster {args.alias!r} already exists at {folder}; pick another alias or remove that folder")
-    folder.mkdir(mode=0o700)
-    identity = Identity.generate()
-    identity.save(folder / "machine.private-key")
+    folder, identity = home.new_cluster(args.alias, "machine.private-key")
     info = ClusterInfo(args.alias, manager, tuple(args.addr), name)
     write_atomic(folder / "cluster-info.toml", render_cluster_info(info).encode())
     print(f"Joined cluster {args.alias!r} as machine {name!r}; waiting for its first config.")

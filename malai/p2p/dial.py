@@ -20,7 +20,7 @@ from malai.identity import Identity
 from malai.p2p.link import WrongPeer, connect_verified
 from malai.p2p.tls import PeerTLS
 
-__all__ = ["AddressBook", "DialError", "Dialer", "hint_endpoint", "normalize_hint"]
+__all__ = ["AddressBook", "DialError", "Dialer", "advertised_hint", "hint_endpoint", "normalize_hint"]
 
 
 class DialError(MalaiError):
@@ -30,6 +30,16 @@ class DialError(MalaiError):
 def normalize_hint(hint: str) -> str:
     """``HOST:PORT`` is short for ``tcp:HOST:PORT``."""
     return hint if hint.split(":", 1)[0] in ("tcp",) else f"tcp:{hint}"
+
+
+def advertised_hint(listen: str, observed_host: str) -> str:
+    """A hint to reach a peer back at an address it listens on (``HOST:PORT``).
+
+    A wildcard host (``0.0.0.0``, ``::``) becomes the address the peer was seen from."""
+    host, _, port = listen.rpartition(":")
+    if host.strip("[]") in ("0.0.0.0", "::", ""):
+        host = f"[{observed_host}]" if ":" in observed_host else observed_host
+    return normalize_hint(f"{host}:{port}")
 
 
 def hint_endpoint(reactor, hint: str, timeout: float) -> IStreamClientEndpoint:

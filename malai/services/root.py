@@ -16,7 +16,7 @@ from malai.config import ConfigError
 from malai.errors import MalaiError
 from malai.home import ClusterEntry, Home
 from malai.lock import DaemonLock
-from malai.p2p.dial import AddressBook, Dialer
+from malai.p2p.dial import AddressBook, Dialer, advertised_hint
 from malai.p2p.link import PeerAddress, server_factory
 from malai.p2p.tls import PeerTLS
 from malai.peer.links import LinkPool
@@ -86,6 +86,7 @@ class MalaiService(MultiService):
         # SIGTERM is an ordinary stop (exit 0), not twistd's re-raised signal.
         signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self._sigterm))
         d = gatherResults([svc.ready for svc in self.listeners], consumeErrors=True)
+        d.addCallback(lambda _: self._advertise())
         d.addCallback(lambda _: self.rescan())
         d.addCallback(self.log_reports)
         d.addCallback(lambda _: self.control.setServiceParent(self))
@@ -94,6 +95,11 @@ class MalaiService(MultiService):
                                               version=malai.__version__, pid=os.getpid(), listen=self.addresses()))
         d.addErrback(self._fatal)
         d.chainDeferred(self.started)
+
+    def _advertise(self) -> None:
+        """Tell peers in ``Hello`` where we listen, so they can dial us back."""
+        self.hello = attrs.evolve(self.hello, addrs=tuple(self.addresses()))
+        self.pool.factory.hello = self._accepted.hello = self.hello
 
     def _fatal(self, failure) -> None:
         """A start-up error (a port in use, say): log it, stop, and exit with status 1."""
@@ -150,9 +156,16 @@ class MalaiService(MultiService):
         if cluster is None or not cluster.knows(addr.peer):
             return None
         link = self._accepted.buildProtocol(addr)
-        link.ready.addCallback(lambda _: self.pool.adopt(link))
+        link.ready.addCallback(self._accepted_link, link)
         link.ready.addErrback(lambda f: None)  # the link logs its own refusal
         return link
+
+    def _accepted_link(self, hello: dict, link: PeerAMP) -> None:
+        """Reuse a link the peer opened, and learn where it listens."""
+        self.pool.adopt(link)
+        observed = getattr(link.peer.address, "host", "")
+        for listen in hello.get("addrs", ()):
+            self.book.learn(link.peer.peer, advertised_hint(listen, observed))
 
     def addresses(self) -> List[str]:
         return [svc.address() for svc in self.listeners]
