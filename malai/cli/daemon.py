@@ -144,7 +144,12 @@ def _print_status(state: dict) -> None:
     for c in state["clusters"]:
         waiting = " (waiting for its first config)" if c["waiting_for_config"] else ""
         machines = f", {c['machines']} machines" if c["role"] == "manager" else ""
-        print(f"  {c['cluster']:<16} {c['role']:<8} {c['id52']}{machines}, {c['links']} links{waiting}")
+        print(f"  {c['cluster']:<16} {c['role']:<8} {c['id52']}{machines}, config version "
+              f"{c['config_version']}, {c['links']} links{waiting}")
+        for m in c["sync"]:
+            seen = f"last seen {_duration(time.time() - m['last_seen'])} ago" if m["last_seen"] else "never seen"
+            error = f": {m['error']}" if m["error"] and m["sync"] != "in sync" else ""
+            print(f"    {m['machine']:<16} version {m['version']:<4} {m['sync']}{error}, {seen}")
 
 
 def _duration(seconds: float) -> str:

@@ -22,6 +22,7 @@ __all__ = ["parse_machine_config", "personalize", "render_machine_config"]
 def parse_machine_config(text: str, file: str = "machine.toml") -> MachineConfig:
     source = Source(file, text)
     root = source.root()
+    version = root.integer("version", default=0)
     manager = parse_manager_table(root)
     machines = root.tables("machine")
     if len(machines) != 1:
@@ -53,11 +54,13 @@ def parse_machine_config(text: str, file: str = "machine.toml") -> MachineConfig
     root.done()
     source.raise_problems()
     assert manager is not None and machine is not None
-    return MachineConfig(manager, machine, callers, directory)
+    return MachineConfig(manager, machine, callers, directory, version)
 
 
 def render_machine_config(config: MachineConfig) -> str:
     doc = tomlkit.document()
+    doc.add(tomlkit.comment("Written by malai config push from the cluster manager; edits here are overwritten."))
+    doc["version"] = config.version
     render_manager(doc, config.manager)
     machines = tomlkit.table(is_super_table=True)
     render_machine_into(machines, config.machine)
@@ -83,7 +86,7 @@ def render_machine_config(config: MachineConfig) -> str:
     return tomlkit.dumps(doc)
 
 
-def personalize(config: ClusterConfig, machine_name: str) -> MachineConfig:
+def personalize(config: ClusterConfig, machine_name: str, version: int = 0) -> MachineConfig:
     """What ``machine_name`` may know: its own subtree with every expression
     expanded to ID52s, the names of those ID52s, and what it may reach."""
     from malai.acl import Acl
@@ -118,7 +121,7 @@ def personalize(config: ClusterConfig, machine_name: str) -> MachineConfig:
             if entry is not None:
                 directory[other.name] = entry
     manager = attrs.evolve(config.manager, config_editors=None)
-    return MachineConfig(manager, expanded, callers, directory)
+    return MachineConfig(manager, expanded, callers, directory, version)
 
 
 def _reachable(acl, other: Machine, me: str):

@@ -110,6 +110,7 @@ class MachineConfig:
     machine: Machine
     callers: Dict[str, str] = attrs.field(factory=dict)
     directory: Dict[str, DirectoryEntry] = attrs.field(factory=dict)
+    version: int = 0  # the cluster config version it was made from
 
 
 @attrs.frozen

@@ -22,7 +22,15 @@ class Status(amp.Command):
             (b"id52", amp.Unicode()),
             (b"machines", amp.Integer()),
             (b"waiting_for_config", amp.Boolean()),
+            (b"config_version", amp.Integer()),
             (b"links", amp.Integer()),
+            (b"sync", amp.AmpList([
+                (b"machine", amp.Unicode()),
+                (b"version", amp.Integer()),
+                (b"sync", amp.Unicode()),
+                (b"last_seen", amp.Float()),
+                (b"error", amp.Unicode()),
+            ])),
         ])),
     ]
 

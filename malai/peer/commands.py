@@ -6,7 +6,10 @@ answered until it has been. Values stay under AMP's 64 KiB limit.
 
 from twisted.protocols import amp
 
-__all__ = ["PROTOCOL_VERSION", "Hello", "IncompatibleVersion", "NotAllowed", "Ping"]
+__all__ = [
+    "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "GetConfig", "Hello", "IncompatibleVersion",
+    "NotAllowed", "Ping", "PushConfig", "PutConfig", "StaleBase",
+]
 
 #: Bumped on any incompatible change to the commands below.
 PROTOCOL_VERSION = 1
@@ -18,6 +21,33 @@ class IncompatibleVersion(Exception):
 
 class NotAllowed(Exception):
     """The verified peer may not do this; the message says which rule decided."""
+
+
+class ConfigRefused(Exception):
+    """A config push or upload that was not accepted; the message says why."""
+
+
+class StaleBase(Exception):
+    """An upload whose base hash is no longer the current one."""
+
+
+_CHUNK = 60000
+
+
+class Chunked(amp.Argument):
+    """Text of any size, split over keys ``name``, ``name.0``, ``name.1``… (AMP values stop at 64 KiB)."""
+
+    def toBox(self, name, strings, objects, proto):
+        data = self.retrieve(objects, amp._wireNameToPythonIdentifier(name), proto).encode()
+        chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
+        strings[name] = str(len(chunks)).encode()
+        for i, chunk in enumerate(chunks):
+            strings[name + b"." + str(i).encode()] = chunk
+
+    def fromBox(self, name, strings, objects, proto):
+        count = int(self.retrieve(strings, name, proto))
+        parts = [strings.pop(name + b"." + str(i).encode()) for i in range(count)]
+        objects[amp._wireNameToPythonIdentifier(name)] = b"".join(parts).decode()
 
 
 class Hello(amp.Command):
@@ -38,3 +68,42 @@ class Hello(amp.Command):
 class Ping(amp.Command):
     arguments = [(b"payload", amp.String())]
     response = [(b"payload", amp.String()), (b"version", amp.Unicode())]
+
+
+class PushConfig(amp.Command):
+    """Manager → machine: a signed personalized config (see malai.config.envelope)."""
+
+    arguments = [
+        (b"cluster", amp.Unicode()),
+        (b"machine", amp.Unicode()),
+        (b"version", amp.Integer()),
+        (b"sha256", amp.Unicode()),
+        (b"body", Chunked()),
+        (b"signature", amp.String()),
+    ]
+    response = [(b"sha256", amp.Unicode())]
+    errors = {ConfigRefused: b"CONFIG_REFUSED"}
+
+
+class GetConfig(amp.Command):
+    """Editor → manager: the current ``cluster.toml`` (or one from history)."""
+
+    arguments = [(b"version", amp.Integer(optional=True))]
+    response = [(b"body", Chunked()), (b"sha256", amp.Unicode()), (b"version", amp.Integer())]
+    errors = {NotAllowed: b"NOT_ALLOWED", ConfigRefused: b"CONFIG_REFUSED"}
+
+
+class PutConfig(amp.Command):
+    """Editor → manager: a new ``cluster.toml``, accepted only if ``base`` is still current."""
+
+    arguments = [(b"body", Chunked()), (b"base", amp.Unicode(optional=True)), (b"force", amp.Boolean())]
+    response = [(b"sha256", amp.Unicode()), (b"version", amp.Integer())]
+    errors = {NotAllowed: b"NOT_ALLOWED", ConfigRefused: b"CONFIG_REFUSED", StaleBase: b"STALE_BASE"}
+
+
+class ConfigHistory(amp.Command):
+    arguments: list = []
+    response = [(b"versions", amp.AmpList([
+        (b"version", amp.Integer()), (b"sha256", amp.Unicode()), (b"time", amp.Float()),
+    ]))]
+    errors = {NotAllowed: b"NOT_ALLOWED"}

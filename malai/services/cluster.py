@@ -6,20 +6,17 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from malai.acl import Acl, expression_terms
+from malai.acl import Acl, Decision, expression_terms
+from malai.config.store import ClusterStore
+from malai.errors import MalaiError
 from malai.home import MANAGER, ClusterEntry
 from malai.identity import Identity
 from malai.p2p.link import PeerAddress
+from malai.peer.responders import ClusterResponder
+from malai.services.agent import MachineAgent
+from malai.services.publisher import ConfigPublisher
 
 __all__ = ["ClusterService"]
-
-
-class ClusterResponder(amp.CommandLocator):
-    """Commands a verified peer may send to this cluster (features add responders here)."""
-
-    def __init__(self, cluster: "ClusterService", peer: PeerAddress):
-        self.cluster = cluster
-        self.peer = peer
 
 
 class ClusterService(MultiService):
@@ -27,10 +24,23 @@ class ClusterService(MultiService):
 
     log = Logger()
 
-    def __init__(self, entry: ClusterEntry):
+    def __init__(self, entry: ClusterEntry, daemon=None):
+        """``daemon`` (the root service: reactor, pool, rescan) gives the cluster its
+        working parts: a publisher on the manager, an agent on a machine."""
         super().__init__()
         self.setName(entry.alias)
         self.entry = entry
+        self.daemon = daemon
+        self.publisher: Optional[ConfigPublisher] = None
+        self.agent: Optional[MachineAgent] = None
+        if daemon is None:
+            return
+        if entry.role == MANAGER:
+            self.publisher = ConfigPublisher(daemon.reactor, self, daemon.pool, self.store)
+            self.publisher.setServiceParent(self)
+        else:
+            self.agent = MachineAgent(daemon.reactor, self, daemon.pool)
+            self.agent.setServiceParent(self)
 
     @property
     def identity(self) -> Identity:
@@ -42,10 +52,37 @@ class ClusterService(MultiService):
         assert self.entry.role is not None
         return self.entry.role
 
+    @property
+    def store(self) -> ClusterStore:
+        return ClusterStore(self.entry.path)
+
     def reconfigure(self, entry: ClusterEntry) -> None:
         """Take a new valid config for the same identity, in place."""
         self.entry = entry
         self.log.info("{cluster} reloaded", cluster=self.name)
+        if self.publisher is not None and self.publisher.running:
+            self.publisher.publish()
+
+    def config_changed(self) -> None:
+        """Our config file was just written (upload, push): apply it like a rescan."""
+        if self.daemon is not None:
+            self.daemon.log_reports(self.daemon.rescan(self.name))
+
+    def peer_connected(self, peer: str) -> None:
+        if self.publisher is not None:
+            self.publisher.peer_connected(peer)
+
+    # -- what peers may ask ---------------------------------------------------
+    def accept_push(self, envelope, peer: str) -> str:
+        if self.agent is None:
+            raise MalaiError(f"{self.name}: this device manages the cluster; it does not take config pushes")
+        return self.agent.accept_push(envelope, peer)
+
+    def may_edit_config(self, peer: str) -> Decision:
+        if self.entry.cluster is None:
+            return Decision(False, "cluster_manager.config_editors",
+                            f"this device does not manage {self.name}; ask its cluster manager")
+        return Acl.for_cluster(self.entry.cluster).can_edit_config(self.entry.cluster.manager.config_editors, peer)
 
     # -- who this cluster talks to -------------------------------------------
     def peers(self) -> FrozenSet[str]:
@@ -102,11 +139,18 @@ class ClusterService(MultiService):
     def responder_for(self, peer: PeerAddress) -> amp.CommandLocator:
         return ClusterResponder(self, peer)
 
+    def config_version(self) -> int:
+        if self.publisher is not None:
+            return self.publisher.version() or 0
+        return self.entry.machine.version if self.entry.machine is not None else 0
+
     def summary(self) -> dict:
         e = self.entry
         machines = len(e.cluster.machines) if e.cluster is not None else 0
         return {"cluster": self.name, "role": self.role, "id52": self.identity.id52, "machines": machines,
-                "waiting_for_config": e.role != MANAGER and e.machine is None}
+                "waiting_for_config": e.role != MANAGER and e.machine is None,
+                "config_version": self.config_version(),
+                "sync": self.publisher.sync_state() if self.publisher is not None else []}
 
 
 def _expressions(machine) -> List[str]:

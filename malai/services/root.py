@@ -161,11 +161,14 @@ class MalaiService(MultiService):
         return link
 
     def _accepted_link(self, hello: dict, link: PeerAMP) -> None:
-        """Reuse a link the peer opened, and learn where it listens."""
+        """Reuse a link the peer opened, learn where it listens, tell its cluster."""
         self.pool.adopt(link)
         observed = getattr(link.peer.address, "host", "")
         for listen in hello.get("addrs", ()):
             self.book.learn(link.peer.peer, advertised_hint(listen, observed))
+        cluster = self._cluster_for(link.peer.local)
+        if cluster is not None:
+            cluster.peer_connected(link.peer.peer)
 
     def addresses(self) -> List[str]:
         return [svc.address() for svc in self.listeners]
@@ -222,7 +225,7 @@ class MalaiService(MultiService):
         return action
 
     def _add(self, entry: ClusterEntry) -> None:
-        svc = ClusterService(entry)
+        svc = ClusterService(entry, daemon=self)
         self.tls.add(svc.identity)
         self._configure_book(svc)
         self.clusters[entry.alias] = svc

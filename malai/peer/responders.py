@@ -1,0 +1,66 @@
+"""What a verified peer may ask of a cluster: config push (to machines) and
+config editing (on the manager). Every request is authorised here against
+the link's verified peer ID52; the cluster service does the work."""
+
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from malai.config.envelope import Envelope
+from malai.config.errors import ConfigError
+from malai.config.store import HashMismatch
+from malai.errors import MalaiError
+from malai.p2p.link import PeerAddress
+from malai.peer.commands import ConfigHistory, ConfigRefused, GetConfig, NotAllowed, PushConfig, PutConfig, StaleBase
+
+__all__ = ["ClusterResponder"]
+
+
+class ClusterResponder(amp.CommandLocator):
+    log = Logger()
+
+    def __init__(self, cluster, peer: PeerAddress):
+        self.cluster = cluster  # a ClusterService
+        self.peer = peer
+
+    @PushConfig.responder
+    def push_config(self, cluster, machine, version, sha256, body, signature):
+        envelope = Envelope(cluster, machine, version, sha256, body, signature)
+        try:
+            return {"sha256": self.cluster.accept_push(envelope, self.peer.peer)}
+        except MalaiError as e:
+            self.log.warn("refused config push from {peer}: {reason}", peer=self.peer.peer, reason=e)
+            raise ConfigRefused(str(e)) from None
+
+    def _store(self, action: str):
+        """The config store, if this peer may edit this cluster's config."""
+        decision = self.cluster.may_edit_config(self.peer.peer)
+        if not decision:
+            self.log.warn("denied {action} to {peer}: {why}", action=action, peer=self.peer.peer, why=decision)
+            raise NotAllowed(f"{action}: {decision}")
+        return self.cluster.store
+
+    @GetConfig.responder
+    def get_config(self, version=None):
+        store = self._store("config download")
+        try:
+            rev = store.current() if version is None else store.revision(version)
+        except MalaiError as e:
+            raise ConfigRefused(str(e)) from None
+        return {"body": rev.text, "sha256": rev.sha256, "version": rev.version}
+
+    @PutConfig.responder
+    def put_config(self, body, force, base=None):
+        store = self._store("config upload")
+        try:
+            rev = store.upload(body, base, force)
+        except HashMismatch as e:
+            raise StaleBase(str(e)) from None
+        except ConfigError as e:
+            raise ConfigRefused("the uploaded cluster.toml is not valid:\n" + str(e)) from None
+        self.log.info("{peer} uploaded cluster.toml version {version}", peer=self.peer.peer, version=rev.version)
+        self.cluster.config_changed()
+        return {"sha256": rev.sha256, "version": rev.version}
+
+    @ConfigHistory.responder
+    def history(self):
+        return {"versions": self._store("config history").history()}
