@@ -10,7 +10,7 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from malai.cli import acl, cluster, daemon, info, keygen, machine, ping, rescan
+    from malai.cli import acl, cluster, config, daemon, info, keygen, machine, ping, rescan
 
     parser = argparse.ArgumentParser(
         prog="malai",
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--home", help="MALAI_HOME to use (default: $MALAI_HOME or ~/.local/share/malai)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (keygen, cluster, machine, info, rescan, acl, daemon, ping):
+    for module in (keygen, cluster, machine, info, rescan, acl, config, daemon, ping):
         module.add_parser(sub)
     return parser
 

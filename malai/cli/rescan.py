@@ -35,10 +35,10 @@ def run(args) -> int:
     home = home_of(args)
     if args.check:
         return check(home, args.cluster)
-    return run_twisted(_apply_if_running, home, args.cluster, True)
+    return run_twisted(apply_if_running, home, args.cluster, True)
 
 
-async def _apply_if_running(reactor, home, cluster, check_when_stopped: bool) -> int:
+async def apply_if_running(reactor, home, cluster, check_when_stopped: bool) -> int:
     from malai.cli.daemon import RUNNING, daemon_state
 
     if (await daemon_state(reactor, home))["state"] != RUNNING:
@@ -69,4 +69,4 @@ async def _apply(reactor, home, cluster) -> int:
 
 def notify_daemon(home, cluster: str) -> None:
     """After ``cluster init`` / ``machine init``: load the new cluster when a daemon runs."""
-    run_twisted(_apply_if_running, home, cluster, False)
+    run_twisted(apply_if_running, home, cluster, False)

@@ -114,8 +114,13 @@ class PeerAMP(amp.AMP, TimeoutMixin):
         else:
             self.peer_hello = {"protocol": protocol, "features": features, "version": version, "addrs": addrs}
             if not self.ready.called:
-                self.ready.callback(self.peer_hello)
+                # after this answer is on the wire: whatever `ready` triggers must follow it
+                self.callLater(0, self._hello_done)
         return {"protocol": self.hello.protocol, "features": list(self.hello.features), "version": self.hello.version}
+
+    def _hello_done(self) -> None:
+        if not self.ready.called and self.transport is not None:
+            self.ready.callback(self.peer_hello)
 
     @Ping.responder
     def _ping(self, payload: bytes) -> dict:

@@ -1,5 +1,6 @@
 """``MachineAgent`` (machine): keep a link to the cluster manager, accept its signed configs."""
 
+import hashlib
 from typing import Optional
 
 from twisted.application.service import Service
@@ -98,9 +99,11 @@ class MachineAgent(Service):
         if problem:
             raise MalaiError(problem)
         current = self.current_version()
+        path = self.cluster.entry.path / "machine.toml"
+        if envelope.version == current and _file_sha256(path) == envelope.sha256:
+            return envelope.sha256  # applied already; the ack was lost (a restart, say)
         if envelope.version <= current:
             raise MalaiError(f"version {envelope.version} is not newer than this machine's version {current}")
-        path = self.cluster.entry.path / "machine.toml"
         try:
             config = parse_machine_config(envelope.body, f"pushed {path.name}")
         except ConfigError as e:
@@ -113,6 +116,13 @@ class MachineAgent(Service):
                       version=envelope.version)
         self.cluster.config_changed()
         return envelope.sha256
+
+
+def _file_sha256(path) -> Optional[str]:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def _body_mismatch(config, envelope: Envelope, manager: str) -> Optional[str]:

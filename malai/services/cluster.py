@@ -68,9 +68,9 @@ class ClusterService(MultiService):
         if self.daemon is not None:
             self.daemon.log_reports(self.daemon.rescan(self.name))
 
-    def peer_connected(self, peer: str) -> None:
+    def peer_connected(self, peer: str, hints: List[str]) -> None:
         if self.publisher is not None:
-            self.publisher.peer_connected(peer)
+            self.publisher.peer_connected(peer, hints)
 
     # -- what peers may ask ---------------------------------------------------
     def accept_push(self, envelope, peer: str) -> str:

@@ -1,7 +1,7 @@
 """``ConfigPublisher`` (cluster manager): push each machine its signed config until it acks."""
 
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall
@@ -70,11 +70,11 @@ class ConfigPublisher(Service):
         for name in list(self.pending):
             self._push(name)
 
-    def peer_connected(self, id52: str) -> None:
-        """A machine opened a link: note it, and deliver now what waits for it."""
+    def peer_connected(self, id52: str, hints: List[str]) -> None:
+        """A machine opened a link: note it and where it listens, and deliver now what waits for it."""
         for name, st in self._states().items():
             if st.get("id52") == id52:
-                self._update(name, last_seen=time.time())
+                self._update(name, last_seen=time.time(), addrs=hints)
                 if name in self.pending:
                     self._cancel_retry(name)
                     self._push(name)

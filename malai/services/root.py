@@ -164,11 +164,12 @@ class MalaiService(MultiService):
         """Reuse a link the peer opened, learn where it listens, tell its cluster."""
         self.pool.adopt(link)
         observed = getattr(link.peer.address, "host", "")
-        for listen in hello.get("addrs", ()):
-            self.book.learn(link.peer.peer, advertised_hint(listen, observed))
+        hints = [advertised_hint(listen, observed) for listen in hello.get("addrs", ())]
+        for hint in reversed(hints):
+            self.book.learn(link.peer.peer, hint)
         cluster = self._cluster_for(link.peer.local)
         if cluster is not None:
-            cluster.peer_connected(link.peer.peer)
+            cluster.peer_connected(link.peer.peer, hints)
 
     def addresses(self) -> List[str]:
         return [svc.address() for svc in self.listeners]
