@@ -15,7 +15,6 @@ setup(
         "attrs>=23",
         "automat>=24",
         "tomlkit>=0.12",
-        "platformdirs>=3",
         "txtorcon>=23",
     ],
     extras_require={

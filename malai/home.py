@@ -22,21 +22,12 @@ from malai.config.locate import KeyLocator
 from malai.config.models import ClusterConfig, ClusterInfo, DeviceConfig, MachineConfig
 from malai.errors import MalaiError
 from malai.identity import Identity
+from malai.paths import default_home
 
 __all__ = ["ClusterEntry", "Home", "default_home"]
 
 MANAGER = "manager"
 MACHINE = "machine"
-
-
-def default_home() -> Path:
-    """``$MALAI_HOME``, else the platform data dir."""
-    env = os.environ.get("MALAI_HOME")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("malai", appauthor=False))
 
 
 @attrs.frozen

@@ -23,7 +23,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SUBCOMMANDS = frozenset({"acl", "cluster", "config", "daemon", "info", "keygen", "machine", "ping", "rescan",
+                         "status", "stop"})
+
+
+def _remote_argv(argv: List[str]) -> Optional[tuple]:
+    """(home, remote argv) when ``argv`` runs a command on a machine rather than a subcommand."""
+    home = None
+    rest = list(argv)
+    if rest[:1] == ["--home"] and len(rest) > 1:
+        home, rest = rest[1], rest[2:]
+    elif rest and rest[0].startswith("--home="):
+        home, rest = rest[0].split("=", 1)[1], rest[1:]
+    if not rest or rest[0] in SUBCOMMANDS or rest[0] in ("-h", "--help"):
+        return None
+    return home, rest
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    remote = _remote_argv(argv)
+    if remote is not None:
+        from pathlib import Path
+
+        from malai.cli import remote as remote_cli
+        from malai.paths import default_home
+
+        home = Path(remote[0]) if remote[0] else default_home()
+        return remote_cli.main(remote[1], home)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

@@ -2,11 +2,24 @@
 
 from twisted.protocols import amp
 
-__all__ = ["ControlFailed", "Ping", "Rescan", "Status", "Stop"]
+__all__ = ["ControlFailed", "Exec", "ExecDenied", "Machines", "Ping", "Rescan", "Status", "Stop", "UnknownTarget",
+           "Unreachable"]
 
 
 class ControlFailed(Exception):
     """A command the daemon could not carry out; the message says why and what to do."""
+
+
+class ExecDenied(Exception):
+    """The machine refused the command (exit 126)."""
+
+
+class UnknownTarget(Exception):
+    """No such cluster or machine (exit 2)."""
+
+
+class Unreachable(Exception):
+    """No link to the machine (exit 255)."""
 
 
 class Status(amp.Command):
@@ -60,3 +73,31 @@ class Ping(amp.Command):
     ]
     response = [(b"rtt", amp.Float()), (b"address", amp.Unicode()), (b"version", amp.Unicode())]
     errors = {ControlFailed: b"CONTROL_FAILED"}
+
+
+class Exec(amp.ProtocolSwitchCommand):
+    """Run a command on a machine; on the answer this connection carries exec frames (malai.frames).
+
+    Built by hand in malai/cli/remote.py (the stdlib client): keep the two in step."""
+
+    arguments = [
+        (b"cluster", amp.Unicode()),
+        (b"machine", amp.Unicode()),
+        (b"argv", amp.ListOf(amp.Unicode())),
+        (b"tty", amp.Boolean()),
+        (b"term", amp.Unicode()),
+        (b"rows", amp.Integer()),
+        (b"cols", amp.Integer()),
+        (b"timeout", amp.Float(optional=True)),
+    ]
+    response: list = []
+    errors = {ExecDenied: b"DENIED", UnknownTarget: b"UNKNOWN", Unreachable: b"UNREACHABLE",
+              ControlFailed: b"FAILED"}
+
+
+class Machines(amp.Command):
+    """The machines of a cluster this device may run commands on (for fan-out)."""
+
+    arguments = [(b"cluster", amp.Unicode())]
+    response = [(b"machines", amp.ListOf(amp.Unicode()))]
+    errors = {UnknownTarget: b"UNKNOWN"}

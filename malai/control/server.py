@@ -5,7 +5,18 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from malai.control.commands import ControlFailed, Ping, Rescan, Status, Stop
+from malai.control.commands import (
+    ControlFailed,
+    Exec,
+    ExecDenied,
+    Machines,
+    Ping,
+    Rescan,
+    Status,
+    Stop,
+    UnknownTarget,
+    Unreachable,
+)
 from malai.errors import MalaiError
 from malai.identity import ID52Error, parse_id52
 from malai.peer.ping import ping
@@ -55,6 +66,51 @@ class ControlProtocol(amp.AMP):
         return {"rtt": result.rtt, "address": result.address, "version": result.version}
 
 
+    @Exec.responder
+    @inlineCallbacks
+    def exec(self, cluster, machine, argv, tty, term, rows, cols, timeout=None):
+        """Open a link of its own to the machine, ask it to run ``argv``, then splice
+        this connection to that link: frames pass through untouched."""
+        from malai.peer.commands import ExecFailed, NotAllowed, OpenExec
+        from malai.peer.protocol import PeerAMPFactory
+        from malai.peer.splice import splice_pair
+
+        try:
+            svc = self.root.cluster(cluster)
+            peer = resolve_target(svc, machine)
+        except MalaiError as e:
+            raise UnknownTarget(str(e)) from None
+        try:
+            link = yield self.root.dialer.connect(svc.identity, peer, PeerAMPFactory(self.root.hello, dialer=True))
+            yield link.ready
+        except Exception as e:
+            raise Unreachable(f"cannot reach {machine}.{cluster}: {_text(e)}") from None
+        ours, theirs, factory = splice_pair()
+        try:
+            yield link.callRemote(OpenExec, _protoToSwitchToFactory=factory, argv=argv, tty=tty, term=term,
+                                  rows=rows, cols=cols, timeout=timeout)
+        except NotAllowed as e:
+            link.transport.loseConnection()
+            raise ExecDenied(str(e)) from None
+        except ExecFailed as e:
+            link.transport.loseConnection()
+            raise ControlFailed(str(e)) from None
+        except Exception as e:
+            raise Unreachable(f"{machine}.{cluster} dropped the link: {_text(e)}") from None
+        return ours
+
+    @Machines.responder
+    def machines(self, cluster):
+        try:
+            return {"machines": self.root.cluster(cluster).exec_targets()}
+        except MalaiError as e:
+            raise UnknownTarget(str(e)) from None
+
+
+def _text(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
 def resolve_target(svc, peer: str) -> str:
     try:
         return parse_id52(peer)
@@ -62,7 +118,9 @@ def resolve_target(svc, peer: str) -> str:
         pass
     id52 = svc.resolve(peer)
     if id52 is None:
-        raise MalaiError(f"cluster {svc.name} has no machine {peer!r} that this device may reach")
+        known = ", ".join(svc.exec_targets()) or "none"
+        raise MalaiError(f"cluster {svc.name} has no machine {peer!r} that this device may reach; "
+                         f"machines: {known}")
     return id52
 
 

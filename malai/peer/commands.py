@@ -7,8 +7,8 @@ answered until it has been. Values stay under AMP's 64 KiB limit.
 from twisted.protocols import amp
 
 __all__ = [
-    "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "GetConfig", "Hello", "IncompatibleVersion",
-    "NotAllowed", "Ping", "PushConfig", "PutConfig", "StaleBase",
+    "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "ExecFailed", "GetConfig", "Hello", "IncompatibleVersion",
+    "NotAllowed", "OpenExec", "Ping", "PushConfig", "PutConfig", "StaleBase",
 ]
 
 #: Bumped on any incompatible change to the commands below.
@@ -25,6 +25,10 @@ class NotAllowed(Exception):
 
 class ConfigRefused(Exception):
     """A config push or upload that was not accepted; the message says why."""
+
+
+class ExecFailed(Exception):
+    """An allowed command that could not be started (unknown user, say)."""
 
 
 class StaleBase(Exception):
@@ -107,3 +111,19 @@ class ConfigHistory(amp.Command):
         (b"version", amp.Integer()), (b"sha256", amp.Unicode()), (b"time", amp.Float()),
     ]))]
     errors = {NotAllowed: b"NOT_ALLOWED"}
+
+
+class OpenExec(amp.ProtocolSwitchCommand):
+    """Caller → machine: run ``argv`` (empty: a login shell); on the answer the link
+    switches to exec frames (malai.frames) and belongs to this one session."""
+
+    arguments = [
+        (b"argv", amp.ListOf(amp.Unicode())),
+        (b"tty", amp.Boolean()),
+        (b"term", amp.Unicode()),
+        (b"rows", amp.Integer()),
+        (b"cols", amp.Integer()),
+        (b"timeout", amp.Float(optional=True)),
+    ]
+    response: list = []
+    errors = {NotAllowed: b"NOT_ALLOWED", ExecFailed: b"EXEC_FAILED"}

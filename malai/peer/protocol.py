@@ -85,6 +85,11 @@ class PeerAMP(amp.AMP, TimeoutMixin):
         self.log.debug("closing idle link to {peer}", peer=self.peer.peer)
         self.transport.loseConnection()
 
+    def _switchTo(self, newProto, clientFactory=None):
+        """The link now belongs to one byte stream: no idle timeout, no more boxes."""
+        self.setTimeout(None)
+        super()._switchTo(newProto, clientFactory)
+
     # -- activity keeps the link open ------------------------------------------
     def ampBoxReceived(self, box) -> None:
         self.resetTimeout()

@@ -1,5 +1,5 @@
-"""What a verified peer may ask of a cluster: config push (to machines) and
-config editing (on the manager). Every request is authorised here against
+"""What a verified peer may ask of a cluster: config push and remote commands
+(to machines), config editing (on the manager). Every request is authorised here against
 the link's verified peer ID52; the cluster service does the work."""
 
 from twisted.logger import Logger
@@ -10,7 +10,18 @@ from malai.config.errors import ConfigError
 from malai.config.store import HashMismatch
 from malai.errors import MalaiError
 from malai.p2p.link import PeerAddress
-from malai.peer.commands import ConfigHistory, ConfigRefused, GetConfig, NotAllowed, PushConfig, PutConfig, StaleBase
+from malai.peer.commands import (
+    ConfigHistory,
+    ConfigRefused,
+    ExecFailed,
+    GetConfig,
+    NotAllowed,
+    OpenExec,
+    PushConfig,
+    PutConfig,
+    StaleBase,
+)
+from malai.peer.execution import Denied, ExecSession, prepare
 
 __all__ = ["ClusterResponder"]
 
@@ -60,6 +71,22 @@ class ClusterResponder(amp.CommandLocator):
         self.log.info("{peer} uploaded cluster.toml version {version}", peer=self.peer.peer, version=rev.version)
         self.cluster.config_changed()
         return {"sha256": rev.sha256, "version": rev.version}
+
+    @OpenExec.responder
+    def open_exec(self, argv, tty, term, rows, cols, timeout=None):
+        cluster, caller = self.cluster, self.peer.peer
+        try:
+            request = prepare(cluster.entry.machine, cluster.name, caller, argv, tty, term, rows, cols, timeout)
+        except Denied as e:
+            cluster.audit.record(cluster=cluster.name, caller=caller, argv=argv, decision="denied",
+                                 rule=str(e.decision))
+            self.log.warn("{cluster}: {caller} denied {argv}: {why}", cluster=cluster.name, caller=caller,
+                          argv=argv, why=e.decision)
+            raise NotAllowed(str(e)) from None
+        except MalaiError as e:
+            cluster.audit.record(cluster=cluster.name, caller=caller, argv=argv, decision="failed", rule=str(e))
+            raise ExecFailed(str(e)) from None
+        return ExecSession(cluster.daemon.reactor, request, cluster.audit)
 
     @ConfigHistory.responder
     def history(self):

@@ -12,6 +12,7 @@ from malai.errors import MalaiError
 from malai.home import MANAGER, ClusterEntry
 from malai.identity import Identity
 from malai.p2p.link import PeerAddress
+from malai.peer.execution import AuditLog
 from malai.peer.responders import ClusterResponder
 from malai.services.agent import MachineAgent
 from malai.services.publisher import ConfigPublisher
@@ -51,6 +52,10 @@ class ClusterService(MultiService):
     def role(self) -> str:
         assert self.entry.role is not None
         return self.entry.role
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.daemon.home.log_dir / "audit.jsonl")
 
     @property
     def store(self) -> ClusterStore:
@@ -135,6 +140,15 @@ class ClusterService(MultiService):
             if e.info is not None:
                 return e.info.manager_id52
         return None
+
+    def exec_targets(self) -> List[str]:
+        """Machines one may try to run commands on from here (the machine decides)."""
+        e = self.entry
+        if e.cluster is not None:
+            return sorted(m.name for m in e.cluster.machines.values() if m.id52 != self.identity.id52)
+        if e.machine is not None:
+            return sorted(d.name for d in e.machine.directory.values() if d.exec or d.shell or d.commands)
+        return []
 
     def responder_for(self, peer: PeerAddress) -> amp.CommandLocator:
         return ClusterResponder(self, peer)

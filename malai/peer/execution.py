@@ -1,0 +1,305 @@
+"""The machine's side of remote commands: authorise, spawn, stream, audit.
+
+``prepare`` decides (ACL against the verified caller, run-as user from config)
+and builds the argv and environment; ``ExecSession`` is the protocol the link
+switches to: it spawns the process in its own process group and relays
+frames, with each side paused when the other cannot keep up.
+"""
+
+import json
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import struct
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import attrs
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from malai import frames
+from malai.acl import Acl, Decision, run_as
+from malai.config.models import MachineConfig
+from malai.errors import MalaiError
+
+__all__ = ["ExecRequest", "ExecSession", "prepare"]
+
+FORWARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGKILL,
+                     signal.SIGUSR1, signal.SIGUSR2}
+KILL_GRACE = 2.0
+
+
+@attrs.frozen
+class ExecRequest:
+    """A decided, ready-to-spawn request."""
+
+    caller: str
+    caller_name: str
+    cluster: str
+    argv: List[str]  # what the caller asked for
+    command: List[str]  # what runs
+    user: str
+    uid: Optional[int]
+    gid: Optional[int]
+    home: str
+    env: Dict[str, str]
+    tty: bool
+    rows: int
+    cols: int
+    timeout: Optional[float]
+    decision: Decision
+
+
+def prepare(config: Optional[MachineConfig], cluster: str, caller: str, argv: List[str], tty: bool,
+            term: str, rows: int, cols: int, timeout: Optional[float]) -> ExecRequest:
+    """Authorise and resolve a request; raise ``Denied`` (with the explanation) or MalaiError."""
+    if config is None:
+        raise Denied(Decision(False, "machine.toml", "this machine has no config from its manager yet"))
+    acl = Acl.for_machine(config)
+    machine = config.machine
+    decision = acl.can_run(machine, caller, argv)
+    if not decision:
+        raise Denied(decision)
+    user = run_as(machine, argv) or pwd.getpwuid(os.getuid()).pw_name
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise MalaiError(f"cannot run as {user!r}: no such user on this machine") from None
+    uid = gid = None
+    if pw.pw_uid != os.getuid():
+        if os.getuid() != 0:
+            raise MalaiError(f"cannot run as {user!r}: the daemon runs as "
+                             f"{pwd.getpwuid(os.getuid()).pw_name}, not root")
+        uid, gid = pw.pw_uid, pw.pw_gid
+    entry = machine.commands.get(argv[0]) if argv else None
+    if entry is not None:
+        command = ["/bin/sh", "-c", entry.command, entry.name, *argv[1:]] if entry.shell \
+            else [*shlex.split(entry.command), *argv[1:]]
+    elif argv:
+        command = list(argv)
+    else:
+        tty = True
+        command = [pw.pw_shell or "/bin/sh", "-l"]
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": pw.pw_dir,
+           "USER": user, "LOGNAME": user, "LANG": os.environ.get("LANG", "C.UTF-8"), "MALAI_CLIENT_ID52": caller}
+    if tty:
+        env["TERM"] = term or "xterm"
+    return ExecRequest(caller, _name_of(config, caller), cluster, list(argv), command, user, uid, gid, pw.pw_dir, env, tty, rows, cols,
+                       timeout, decision)
+
+
+def _name_of(config: MachineConfig, caller: str) -> str:
+    for name, id52 in config.callers.items():
+        if id52 == caller:
+            return name
+    return ""
+
+
+class Denied(MalaiError):
+    def __init__(self, decision: Decision):
+        self.decision = decision
+        super().__init__(f"permission denied: {decision}")
+
+
+def _executable(command: List[str], env: Dict[str, str]) -> Optional[str]:
+    found = shutil.which(command[0], path=env["PATH"]) if "/" not in command[0] else command[0]
+    return found if found and os.access(found, os.X_OK) else None
+
+
+class ExecSession(Protocol):
+    """The exec link after the switch: frames in, frames out, one process."""
+
+    log = Logger()
+
+    def __init__(self, reactor, request: ExecRequest, audit: "AuditLog"):
+        self.reactor = reactor
+        self.request = request
+        self.audit = audit
+        self.parser = frames.FrameParser()
+        self.process: Any = None
+        self.started = time.time()
+        self.bytes_in = self.bytes_out = 0
+        self.exit_code: Optional[int] = None
+        self.timed_out = False
+        self._timer = None
+        self._kill_timer = None
+
+    def connectionMade(self) -> None:
+        r = self.request
+        executable = _executable(r.command, r.env)
+        if executable is None:
+            self._fail(f"{r.command[0]}: command not found", 127)
+            return
+        argv = r.command if r.tty else [_SETSID, *r.command]
+        if not r.tty:
+            executable = _SETSID
+        try:
+            self.process = self.reactor.spawnProcess(
+                _Process(self), executable, argv, env=r.env, path=r.home if os.path.isdir(r.home) else "/",
+                uid=r.uid, gid=r.gid, usePTY=r.tty)
+        except OSError as e:
+            self._fail(f"cannot start {r.command[0]}: {e}", 126)
+            return
+        if r.tty:
+            self._resize(r.rows, r.cols)
+        self.transport.registerProducer(_ChildOutput(self), True)  # a slow caller pauses the child's output
+        writer = self.process if r.tty else self.process.pipes.get(0)
+        if writer is not None:
+            writer.registerProducer(_CallerInput(self.transport), True)  # a child not reading stdin pauses the caller
+        if r.timeout:
+            self._timer = self.reactor.callLater(r.timeout, self._time_out)
+        self.log.info("{cluster}: {caller} runs {argv} as {user} (pid {pid})", cluster=r.cluster,
+                      caller=r.caller_name or r.caller, argv=r.command, user=r.user, pid=self.process.pid)
+
+    def _fail(self, message: str, code: int) -> None:
+        self.transport.write(frames.encode(frames.ERROR, message.encode()) + frames.exit_frame(code))
+        self.exit_code = code
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            for kind, payload in self.parser.feed(data):
+                self._frame(kind, payload)
+        except ValueError as e:
+            self.log.warn("bad exec frame from {caller}: {e}", caller=self.request.caller, e=e)
+            self.transport.abortConnection()
+
+    def _frame(self, kind: bytes, payload: bytes) -> None:
+        if self.process is None or self.exit_code is not None:
+            return
+        if kind == frames.STDIN:
+            self.bytes_in += len(payload)
+            self.process.write(payload)
+        elif kind == frames.EOF:
+            if self.request.tty:
+                self.process.write(b"\x04")
+            else:
+                stdin = self.process.pipes.get(0)
+                if stdin is not None:
+                    stdin.unregisterProducer()  # else it never closes while the link is its producer
+                self.process.closeStdin()
+        elif kind == frames.SIGNAL:
+            self._signal(int(payload))
+        elif kind == frames.WINSIZE and self.request.tty:
+            self._resize(*struct.unpack(">HH", payload))
+
+    def _signal(self, signum: int) -> None:
+        if signum not in FORWARDED_SIGNALS or self.process is None or self.process.pid is None:
+            return
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _resize(self, rows: int, cols: int) -> None:
+        import fcntl
+        import termios
+
+        try:
+            fcntl.ioctl(self.process.fileno(), termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            os.killpg(self.process.pid, signal.SIGWINCH)
+        except (OSError, AttributeError):
+            pass
+
+    def _time_out(self) -> None:
+        self._timer = None
+        self.timed_out = True
+        self._signal(signal.SIGTERM)
+        self._kill_timer = self.reactor.callLater(KILL_GRACE, self._signal, signal.SIGKILL)
+
+    def output(self, kind: bytes, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.transport.write(frames.encode(kind, data))
+
+    def ended(self, code: Optional[int], signum: Optional[int]) -> None:
+        for call in (self._timer, self._kill_timer):
+            if call is not None and call.active():
+                call.cancel()
+        self.exit_code = 124 if self.timed_out else (128 + signum if signum else (code or 0))
+        self.transport.unregisterProducer()
+        self.transport.write(frames.exit_frame(self.exit_code, signum or 0))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        if self.process is not None and self.exit_code is None:
+            self._signal(signal.SIGHUP)  # the caller went away
+            self.reactor.callLater(KILL_GRACE, self._signal, signal.SIGKILL)
+        r = self.request
+        self.audit.record(cluster=r.cluster, caller=r.caller, caller_name=r.caller_name, argv=r.argv,
+                          command=r.command, user=r.user, decision="allowed", rule=str(r.decision),
+                          exit=self.exit_code, duration=round(time.time() - self.started, 3),
+                          bytes_in=self.bytes_in, bytes_out=self.bytes_out)
+
+
+_SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+
+
+@implementer(IPushProducer)
+class _CallerInput:
+    """The link as a producer for the child's stdin; closing stdin must not close the link."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.resumeProducing()  # stdin is closed; the link goes on for output
+
+
+@implementer(IPushProducer)
+class _ChildOutput:
+    """The child's output pipes (or PTY) as a producer for the link."""
+
+    def __init__(self, session: ExecSession):
+        self.session = session
+
+    def pauseProducing(self) -> None:
+        self.session.process.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.session.process.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.session._signal(signal.SIGHUP)
+
+
+class _Process(ProcessProtocol):
+    def __init__(self, session: ExecSession):
+        self.session = session
+
+    def outReceived(self, data: bytes) -> None:
+        self.session.output(frames.STDOUT, data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.session.output(frames.STDERR, data)
+
+    def processEnded(self, reason) -> None:
+        value = reason.value
+        self.session.ended(getattr(value, "exitCode", None), getattr(value, "signal", None))
+
+
+class AuditLog:
+    """``log/audit.jsonl``: one line per request, allowed or denied."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def record(self, **fields) -> None:
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
