@@ -153,8 +153,9 @@ def _strings(items: List[str]) -> bytes:
 
 
 def request(sock: socket.socket, cluster: str, machine: str, argv: List[str], opts: Options,
-            rows: int, cols: int) -> Optional[Tuple[int, str]]:
-    """Send ``Exec``; None when accepted, else (exit status, message)."""
+            rows: int, cols: int, early: Optional[bytearray] = None) -> Optional[Tuple[int, str]]:
+    """Send ``Exec``; None when accepted (frames that came with the answer go to ``early``),
+    else (exit status, message)."""
     box = {b"_command": b"Exec", b"_ask": b"1", b"cluster": cluster.encode(), b"machine": machine.encode(),
            b"argv": _strings(argv), b"tty": b"True" if opts.tty else b"False",
            b"term": os.environ.get("TERM", "xterm").encode(), b"rows": str(rows).encode(),
@@ -162,10 +163,8 @@ def request(sock: socket.socket, cluster: str, machine: str, argv: List[str], op
     if opts.timeout is not None:
         box[b"timeout"] = repr(opts.timeout).encode()
     sock.sendall(encode_box(box))
-    buffer = bytearray()
+    buffer = early if early is not None else bytearray()
     answer = read_box(sock, buffer)
-    if buffer:
-        raise ConnectionError("unexpected data after the answer")
     if b"_error" in answer:
         code = answer.get(b"_error_code", b"")
         return ERROR_EXIT.get(code, 1), answer.get(b"_error_description", b"").decode(errors="replace")
@@ -185,8 +184,9 @@ def run_one(home: Path, opts: Options, cluster: str, machine: str, argv: List[st
         print(f"malai: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     try:
+        early = bytearray()
         try:
-            refused = request(sock, cluster, machine, argv, opts, rows, cols)
+            refused = request(sock, cluster, machine, argv, opts, rows, cols, early)
         except (ConnectionError, OSError) as e:
             print(f"malai: {e}", file=sys.stderr)
             return EXIT_UNREACHABLE
@@ -194,7 +194,7 @@ def run_one(home: Path, opts: Options, cluster: str, machine: str, argv: List[st
             code, message = refused
             print(f"malai: {message}", file=sys.stderr)
             return code
-        return Session(sock, interactive).run()
+        return Session(sock, interactive, bytes(early)).run()
     finally:
         sock.close()
         if helper is not None:
@@ -217,7 +217,7 @@ class Session:
 
     MAX_QUEUED = 256 * 1024
 
-    def __init__(self, sock: socket.socket, interactive: bool):
+    def __init__(self, sock: socket.socket, interactive: bool, early: bytes = b""):
         self.sock = sock
         self.interactive = interactive
         self.parser = frames.FrameParser()
@@ -225,6 +225,7 @@ class Session:
         self.queued = bytearray()
         self.out = sys.stdout.buffer
         self.err = sys.stderr.buffer
+        self._handle(early)
 
     def run(self) -> int:
         saved = None
@@ -315,6 +316,10 @@ class Session:
             return True
         if not data:
             return False
+        self._handle(data)
+        return True
+
+    def _handle(self, data: bytes) -> None:
         for kind, payload in self.parser.feed(data):
             if kind == frames.STDOUT:
                 self.out.write(payload)
@@ -327,7 +332,6 @@ class Session:
                 self.err.flush()
             elif kind == frames.EXIT:
                 self.exit = json.loads(payload)["code"]
-        return True
 
     def _lost(self) -> int:
         print("\r\nmalai: the connection to the machine was lost", file=sys.stderr)
@@ -376,10 +380,11 @@ def fan_out(home: Path, opts: Options, pattern: str, cluster: str, argv: List[st
         while pending and len(running) < opts.parallel:
             name = pending.pop(0)
             fan = _Fan(name, opts.json)
+            early = bytearray()
             try:
                 sock, helper = connect(home)
                 fan.helper = helper
-                refused = request(sock, cluster, name, argv, opts, 24, 80)
+                refused = request(sock, cluster, name, argv, opts, 24, 80, early)
             except OSError as e:
                 refused = (EXIT_UNREACHABLE, str(e))
             if refused is not None:
@@ -387,6 +392,7 @@ def fan_out(home: Path, opts: Options, pattern: str, cluster: str, argv: List[st
                 results[name] = fan.finish(refused[0])
                 continue
             sock.sendall(frames.encode(frames.EOF))
+            fan.feed(bytes(early))
             running[sock] = fan
             sel.register(sock, selectors.EVENT_READ)
         for key, _ in sel.select():
