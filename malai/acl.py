@@ -11,9 +11,10 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import attrs
 
 from malai.config.models import ClusterConfig, Machine, MachineConfig
+from malai.errors import MalaiError
 from malai.identity import ID52Error, parse_id52
 
-__all__ = ["Acl", "Decision", "expression_terms", "run_as"]
+__all__ = ["Acl", "Decision", "Denied", "expression_terms", "run_as"]
 
 
 def expression_terms(expr: str) -> List[str]:
@@ -159,3 +160,9 @@ def run_as(machine: Machine, argv: Sequence[str]) -> Optional[str]:
     if entry is not None and entry.username:
         return entry.username
     return machine.username
+
+
+class Denied(MalaiError):
+    def __init__(self, decision: Decision):
+        self.decision = decision
+        super().__init__(f"permission denied: {decision}")

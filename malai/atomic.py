@@ -1,9 +1,24 @@
 """Atomic file writes: temp file in the same folder, fsync, rename."""
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["write_atomic"]
+__all__ = ["locked", "write_atomic"]
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created 0600): read-modify-write cycles
+    of different processes never interleave."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, exclusive: bool = False) -> None:

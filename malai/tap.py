@@ -44,6 +44,7 @@ def makeService(options: Options):
 
     home = Home(Path(options["home"])) if options["home"] else Home.default()
     os.umask(0o077)
+    raise_fd_limit()
     try:
         home.ensure()
         lock = DaemonLock(home.lock)
@@ -57,6 +58,15 @@ def makeService(options: Options):
     except MalaiError as e:
         raise SystemExit(f"malai: {e}") from None
     return MalaiService(reactor, home, lock, listen, control)
+
+
+def raise_fd_limit() -> None:
+    """Every forwarded connection holds two descriptors: allow as many as the hard limit does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
 
 
 def _device_listen(home) -> tuple:

@@ -149,3 +149,74 @@ def is_dead(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class _Cleanups:
+    """Collects cleanups like a TestCase does, run at interpreter exit."""
+
+    def __init__(self):
+        self.calls = []
+        import atexit
+
+        atexit.register(self.run)
+
+    def addCleanup(self, f, *args):
+        self.calls.append((f, args))
+
+    def run(self):
+        for f, args in reversed(self.calls):
+            f(*args)
+
+
+class LoopbackCluster:
+    """Cluster ``company`` on loopback: a manager and named members, each a real daemon.
+
+    ``config(ids, ports)`` returns what to append to ``cluster.toml`` once every
+    member has its ID52 (``ids``) and peer port (``ports``). Built on first use
+    by a test class and kept for all its tests (trial has no setUpClass); torn
+    down at exit."""
+
+    def __init__(self, names, config, ready_check=None):
+        cleanups = _Cleanups()
+        self.cm = DaemonHome(cleanups)
+        out = self.cm.ok("cluster", "init", "company")
+        self.cm_id52 = out.split("manager ID52: ")[1].split()[0]
+        self.cm.start()
+        self.homes = {name: DaemonHome(cleanups) for name in names}
+        self.ids, self.ports = {}, {}
+        for name, home in self.homes.items():
+            out = home.ok("machine", "init", self.cm_id52, "company", "--addr", self.cm.peer_addr(), "--name", name)
+            self.ids[name] = out.split("machine ID52: ")[1].split()[0]
+            self.ports[name] = free_port()
+        path = self.cm.root / "clusters" / "company" / "cluster.toml"
+        path.write_text(path.read_text() + config(self.ids, self.ports))
+        self.cm.ok("rescan")
+        for name, home in self.homes.items():
+            home.start(f"tcp:{self.ports[name]}:interface=127.0.0.1")
+        self.wait_in_sync()
+
+    def wait_in_sync(self):
+        def synced():
+            sync = self.cm.status()["clusters"][0]["sync"]
+            return len(sync) == len(self.homes) and all(m["sync"] == "in sync" for m in sync)
+
+        wait_for(synced, 30, "every machine to take its config")

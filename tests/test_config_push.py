@@ -19,8 +19,7 @@ from malai.p2p.tls import PeerTLS
 from malai.peer.commands import ConfigRefused, PushConfig
 from malai.peer.links import LinkPool
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
-from tests.helpers import DaemonHome, is_dead
-from tests.test_daemon import wait_for
+from tests.helpers import DaemonHome, is_dead, wait_for
 
 
 class ClusterFixture:

@@ -6,21 +6,11 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import DaemonHome, is_dead
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.helpers import DaemonHome, is_dead, wait_for
 
 
 def set_machine(cm: DaemonHome, machine: DaemonHome, cluster: str, name: str) -> None:

@@ -7,35 +7,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import DaemonHome, run_malai
-from tests.test_daemon import wait_for
+from tests.helpers import LoopbackCluster, run_malai, wait_for
 
 MALAI = str(Path(sys.executable).with_name("malai"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Cleanups:
-    def __init__(self):
-        self.calls = []
-
-    def addCleanup(self, f, *args):
-        self.calls.append((f, args))
-
-    def run(self):
-        for f, args in reversed(self.calls):
-            f(*args)
 
 
 class ExecTests(TestCase):
@@ -43,43 +23,30 @@ class ExecTests(TestCase):
 
     trial has no setUpClass: the first test builds it, and it is torn down at exit."""
 
-    cm = None
+    cluster = None
 
     def setUp(self):
-        if ExecTests.cm is None:
+        if ExecTests.cluster is None:
             ExecTests._build()
 
     @classmethod
     def _build(cls):
-        import atexit
+        cls.marker = Path(tempfile.mkdtemp(prefix="malai-marker-", dir="/tmp")) / "marker"
 
-        cls.cleanups = _Cleanups()
-        atexit.register(cls.cleanups.run)
-        cls.cm = DaemonHome(cls.cleanups)
-        out = cls.cm.ok("cluster", "init", "company")
-        cm_id52 = out.split("manager ID52: ")[1].split()[0]
-        cls.cm.start()
-        cls.homes = {name: DaemonHome(cls.cleanups) for name in ("web01", "web02", "web03", "laptop")}
-        ids, ports = {}, {}
-        for name, home in cls.homes.items():
-            out = home.ok("machine", "init", cm_id52, "company", "--addr", cls.cm.peer_addr(), "--name", name)
-            ids[name] = out.split("machine ID52: ")[1].split()[0]
-            ports[name] = free_port()
-        cls.marker = cls.cm.root / "marker"
-        text = (cls.cm.root / "clusters" / "company" / "cluster.toml").read_text()
-        for name in ("web01", "web02", "web03"):
-            text += (f'\n[machine.{name}]\nid52 = "{ids[name]}"\naddrs = ["127.0.0.1:{ports[name]}"]\n'
-                     'allow_from = "laptop"\n'
-                     f'\n[machine.{name}.command.greet]\ncommand = "echo hello from {name}"\nallow_from = "laptop"\n'
-                     f'\n[machine.{name}.command.touch-marker]\ncommand = "touch {cls.marker}"\nallow_from = "web02"\n')
-        text += f'\n[machine.laptop]\nid52 = "{ids["laptop"]}"\n'
-        (cls.cm.root / "clusters" / "company" / "cluster.toml").write_text(text)
-        cls.cm.ok("rescan")
-        for name, home in cls.homes.items():
-            home.start(f"tcp:{ports[name]}:interface=127.0.0.1")
-        laptop = cls.homes["laptop"]
-        (laptop.root / "malai.toml").write_text('[aliases]\nweb = "web01.company echo"\n')
-        wait_for(lambda: laptop.malai("web03.company", "true").returncode == 0, 30, "configs to arrive")
+        def config(ids, ports):
+            text = ""
+            for name in ("web01", "web02", "web03"):
+                text += (f'\n[machine.{name}]\nid52 = "{ids[name]}"\naddrs = ["127.0.0.1:{ports[name]}"]\n'
+                         'allow_from = "laptop"\n'
+                         f'\n[machine.{name}.command.greet]\ncommand = "echo hello from {name}"\n'
+                         'allow_from = "laptop"\n'
+                         f'\n[machine.{name}.command.touch-marker]\ncommand = "touch {cls.marker}"\n'
+                         'allow_from = "web02"\n')
+            return text + f'\n[machine.laptop]\nid52 = "{ids["laptop"]}"\n'
+
+        cls.cluster = LoopbackCluster(("web01", "web02", "web03", "laptop"), config)
+        cls.homes = cls.cluster.homes
+        (cls.homes["laptop"].root / "malai.toml").write_text('[aliases]\nweb = "web01.company echo"\n')
 
     def run_(self, *args, **kw):
         return run_malai(self.homes["laptop"].root, *args, **kw)

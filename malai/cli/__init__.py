@@ -10,7 +10,7 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from malai.cli import acl, cluster, config, daemon, info, keygen, machine, ping, rescan
+    from malai.cli import acl, cluster, config, daemon, info, keygen, machine, ping, rescan, service
 
     parser = argparse.ArgumentParser(
         prog="malai",
@@ -18,13 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--home", help="MALAI_HOME to use (default: $MALAI_HOME or ~/.local/share/malai)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (keygen, cluster, machine, info, rescan, acl, config, daemon, ping):
+    for module in (keygen, cluster, machine, info, rescan, acl, config, daemon, ping, service):
         module.add_parser(sub)
     return parser
 
 
-SUBCOMMANDS = frozenset({"acl", "cluster", "config", "daemon", "info", "keygen", "machine", "ping", "rescan",
-                         "status", "stop"})
+SUBCOMMANDS = frozenset({"acl", "cluster", "config", "daemon", "forward", "info", "keygen", "machine", "ping",
+                         "rescan", "service", "status", "stop"})
 
 
 def _remote_argv(argv: List[str]) -> Optional[tuple]:

@@ -69,7 +69,7 @@ def _run(action, args) -> int:
         return run_twisted(_with, home, _Local(ClusterStore(entry.path)), action, args)
     if entry.identity is None or entry.role is None:
         raise MalaiError("\n".join(entry.problems))
-    return run_twisted(_with, home, _Remote(entry), action, args)
+    return run_twisted(_with, home, _Remote(home, entry.alias), action, args)
 
 
 async def _with(reactor, home, backend, action, args) -> int:
@@ -113,30 +113,22 @@ class _Local:
 class _Remote:
     """A member: ask the manager over a peer link (dialed directly)."""
 
-    def __init__(self, entry):
-        self.entry = entry
-        self.pool = None
+    def __init__(self, home, alias: str):
+        self.home = home
+        self.alias = alias
+        self.context = None
         self.link = None
 
     async def open(self, reactor) -> None:
-        from malai.p2p.dial import AddressBook, Dialer
-        from malai.p2p.tls import PeerTLS
-        from malai.peer.links import LinkPool
-        from malai.peer.protocol import HelloInfo, PeerAMPFactory
-        from malai.services.cluster import ClusterService
+        from malai.cli.direct import DirectContext
 
-        cluster = ClusterService(self.entry)
-        book = AddressBook()
-        for id52, hints in cluster.addresses().items():
-            book.configure(id52, hints)
-        self.pool = LinkPool(Dialer(reactor, PeerTLS([cluster.identity]), book),
-                             PeerAMPFactory(HelloInfo(), dialer=True))
-        manager = cluster.resolve("manager")
-        self.link = await self.pool.get(cluster.identity, manager)
+        self.context = DirectContext(self.home, reactor, self.alias)
+        cluster = self.context.cluster(self.alias)
+        self.link = await self.context.pool.get(cluster.identity, cluster.target("manager"))
 
     async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
+        if self.context is not None:
+            await self.context.close()
 
     async def _call(self, command, **kwargs):
         from malai.peer.commands import ConfigRefused, NotAllowed, StaleBase

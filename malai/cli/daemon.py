@@ -150,6 +150,8 @@ def _print_status(state: dict) -> None:
             seen = f"last seen {_duration(time.time() - m['last_seen'])} ago" if m["last_seen"] else "never seen"
             error = f": {m['error']}" if m["error"] and m["sync"] != "in sync" else ""
             print(f"    {m['machine']:<16} version {m['version']:<4} {m['sync']}{error}, {seen}")
+    for f in state.get("forwards", []):
+        print(f"  tcp.{f['name']:<12} {f['local']} → {f['remote']}, {f['active']} open, {f['total']} since start")
 
 
 def _duration(seconds: float) -> str:

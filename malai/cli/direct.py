@@ -7,28 +7,34 @@ dialing the machine with the cluster's own identity, then exits.
 
 import sys
 from pathlib import Path
+from typing import Optional
 
-from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from malai.control.server import ControlProtocol
 from malai.home import Home
 from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.tls import PeerTLS
-from malai.peer.protocol import HelloInfo
+from malai.peer.links import LinkPool
+from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from malai.services.cluster import ClusterService
 
 
 class DirectContext:
-    """What ``ControlProtocol`` needs of the daemon, for one connection."""
+    """What the daemon offers its commands (clusters, dialer, a link pool), for a
+    command that runs without one: the clusters' own identities, dialing directly."""
 
-    def __init__(self, home: Home):
+    def __init__(self, home: Home, reactor, only: Optional[str] = None):
         self.reactor = reactor
         self.hello = HelloInfo()
         self.tls = PeerTLS()
         self.book = AddressBook()
         self.dialer = Dialer(reactor, self.tls, self.book)
+        self.pool = LinkPool(self.dialer, PeerAMPFactory(self.hello, dialer=True))
         self.clusters = {}
-        for entry in home.scan():
+        self.problems = {}
+        for entry in home.scan(only):
+            self.problems[entry.alias] = entry.problems
             if entry.identity is not None and entry.role is not None:
                 svc = ClusterService(entry)
                 self.tls.add(svc.identity)
@@ -39,23 +45,30 @@ class DirectContext:
     def cluster(self, alias: str) -> ClusterService:
         from malai.errors import MalaiError
 
+        if alias not in self.clusters and self.problems.get(alias):
+            raise MalaiError("\n".join(self.problems[alias]))
         if alias not in self.clusters:
             raise MalaiError(f"no cluster {alias!r} here; clusters: {', '.join(self.clusters) or 'none'}")
         return self.clusters[alias]
+
+    def close(self) -> Deferred:
+        return self.pool.close()
 
 
 class OneShot(ControlProtocol):
     def connectionLost(self, reason=None) -> None:
         super().connectionLost(reason)
-        if reactor.running:
-            reactor.stop()
+        if self.root.reactor.running:
+            self.root.reactor.stop()
 
 
 def main() -> None:
     import socket
 
+    from twisted.internet import reactor
+
     home, fd = Path(sys.argv[1]), int(sys.argv[2])
-    context = DirectContext(Home(home))
+    context = DirectContext(Home(home), reactor)
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     from twisted.internet.protocol import Factory

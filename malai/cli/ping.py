@@ -90,33 +90,21 @@ class _DirectPinger:
     """No daemon: dial from the cluster's identity with a link pool of our own."""
 
     def __init__(self, home, cluster):
-        from malai.services.cluster import ClusterService
-
-        [entry] = home.scan(cluster)
-        if entry.identity is None:
-            raise MalaiError("\n".join(entry.problems))
-        self.cluster = ClusterService(entry)
-        self.pool = None
+        self.home = home
+        self.alias = cluster
+        self.context = None
 
     async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
+        if self.context is not None:
+            await self.context.close()
 
     async def ping(self, reactor, cluster, peer, addrs):
-        from malai.control.server import resolve_target
-        from malai.p2p.dial import AddressBook, Dialer
-        from malai.p2p.tls import PeerTLS
-        from malai.peer.links import LinkPool
+        from malai.cli.direct import DirectContext
         from malai.peer.ping import ping
-        from malai.peer.protocol import HelloInfo, PeerAMPFactory
 
-        peer_id52 = resolve_target(self.cluster, peer)
-        if self.pool is None:
-            book = AddressBook()
-            for id52, hints in self.cluster.addresses().items():
-                book.configure(id52, hints)
-            self.pool = LinkPool(Dialer(reactor, PeerTLS([self.cluster.identity]), book),
-                                 PeerAMPFactory(HelloInfo(), dialer=True))
-        link = await self.pool.get(self.cluster.identity, peer_id52, addrs or None)
+        if self.context is None:
+            self.context = DirectContext(self.home, reactor, self.alias)
+        svc = self.context.cluster(cluster)
+        link = await self.context.pool.get(svc.identity, svc.target(peer), addrs or None)
         result = await ping(link)
         return {"rtt": result.rtt, "address": result.address, "version": result.version}

@@ -7,18 +7,15 @@ an ``flock`` on ``.config.lock``, so the daemon and a local ``malai config``
 command never interleave, and an upload is a compare-and-swap on the hash.
 """
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, ContextManager, Dict, List, Optional
 
 import attrs
 
-from malai.atomic import write_atomic
+from malai.atomic import locked, write_atomic
 from malai.config.cluster import parse_cluster
 from malai.errors import MalaiError
 
@@ -53,14 +50,8 @@ class ClusterStore:
         self.state_file = self.folder / "state.json"
         self.history_dir = self.folder / "history"
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        fd = os.open(self.folder / ".config.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def locked(self) -> ContextManager[None]:
+        return locked(self.folder / ".config.lock")
 
     # -- state.json -----------------------------------------------------------
     def load_state(self) -> Dict[str, Any]:

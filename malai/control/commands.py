@@ -45,6 +45,13 @@ class Status(amp.Command):
                 (b"error", amp.Unicode()),
             ])),
         ])),
+        (b"forwards", amp.AmpList([
+            (b"name", amp.Unicode()),
+            (b"local", amp.Unicode()),
+            (b"remote", amp.Unicode()),
+            (b"active", amp.Integer()),
+            (b"total", amp.Integer()),
+        ])),
     ]
 
 

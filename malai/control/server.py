@@ -18,10 +18,9 @@ from malai.control.commands import (
     Unreachable,
 )
 from malai.errors import MalaiError
-from malai.identity import ID52Error, parse_id52
 from malai.peer.ping import ping
 
-__all__ = ["ControlFactory", "ControlProtocol", "resolve_target"]
+__all__ = ["ControlFactory", "ControlProtocol"]
 
 
 class ControlProtocol(amp.AMP):
@@ -56,7 +55,7 @@ class ControlProtocol(amp.AMP):
     def ping(self, cluster: str, peer: str, addrs: list):
         try:
             svc = self.root.cluster(cluster)
-            peer_id52 = resolve_target(svc, peer)
+            peer_id52 = svc.target(peer)
             link = yield self.root.pool.get(svc.identity, peer_id52, addrs or None)
             result = yield ping(link)
         except MalaiError as e:
@@ -77,7 +76,7 @@ class ControlProtocol(amp.AMP):
 
         try:
             svc = self.root.cluster(cluster)
-            peer = resolve_target(svc, machine)
+            peer = svc.target(machine)
         except MalaiError as e:
             raise UnknownTarget(str(e)) from None
         try:
@@ -109,19 +108,6 @@ class ControlProtocol(amp.AMP):
 
 def _text(error: Exception) -> str:
     return str(error) or type(error).__name__
-
-
-def resolve_target(svc, peer: str) -> str:
-    try:
-        return parse_id52(peer)
-    except ID52Error:
-        pass
-    id52 = svc.resolve(peer)
-    if id52 is None:
-        known = ", ".join(svc.exec_targets()) or "none"
-        raise MalaiError(f"cluster {svc.name} has no machine {peer!r} that this device may reach; "
-                         f"machines: {known}")
-    return id52
 
 
 class ControlFactory(Factory):

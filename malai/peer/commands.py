@@ -8,7 +8,7 @@ from twisted.protocols import amp
 
 __all__ = [
     "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "ExecFailed", "GetConfig", "Hello", "IncompatibleVersion",
-    "NotAllowed", "OpenExec", "Ping", "PushConfig", "PutConfig", "StaleBase",
+    "NotAllowed", "OpenExec", "OpenStream", "Ping", "PushConfig", "PutConfig", "StaleBase", "UpstreamFailed",
 ]
 
 #: Bumped on any incompatible change to the commands below.
@@ -29,6 +29,10 @@ class ConfigRefused(Exception):
 
 class ExecFailed(Exception):
     """An allowed command that could not be started (unknown user, say)."""
+
+
+class UpstreamFailed(Exception):
+    """An allowed service whose upstream could not be reached; the message says why."""
 
 
 class StaleBase(Exception):
@@ -127,3 +131,13 @@ class OpenExec(amp.ProtocolSwitchCommand):
     ]
     response: list = []
     errors = {NotAllowed: b"NOT_ALLOWED", ExecFailed: b"EXEC_FAILED"}
+
+
+class OpenStream(amp.ProtocolSwitchCommand):
+    """Caller → machine: a byte stream to the ``kind`` (``tcp`` or ``http``) service
+    ``service``. The machine answers once its upstream is connected; the link then
+    carries relay frames (malai.peer.relay) and belongs to this one stream."""
+
+    arguments = [(b"kind", amp.Unicode()), (b"service", amp.Unicode())]
+    response: list = []
+    errors = {NotAllowed: b"NOT_ALLOWED", UpstreamFailed: b"UPSTREAM_FAILED"}

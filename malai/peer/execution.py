@@ -6,7 +6,6 @@ switches to: it spawns the process in its own process group and relays
 frames, with each side paused when the other cannot keep up.
 """
 
-import json
 import os
 import pwd
 import shlex
@@ -14,7 +13,6 @@ import shutil
 import signal
 import struct
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import attrs
@@ -24,11 +22,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from malai import frames
-from malai.acl import Acl, Decision, run_as
+from malai.acl import Acl, Decision, Denied, run_as
+from malai.audit import AuditLog
 from malai.config.models import MachineConfig
 from malai.errors import MalaiError
 
-__all__ = ["ExecRequest", "ExecSession", "prepare"]
+__all__ = ["ExecRequest", "ExecSession", "caller_name", "prepare"]
 
 FORWARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGKILL,
                      signal.SIGUSR1, signal.SIGUSR2}
@@ -90,21 +89,15 @@ def prepare(config: Optional[MachineConfig], cluster: str, caller: str, argv: Li
            "USER": user, "LOGNAME": user, "LANG": os.environ.get("LANG", "C.UTF-8"), "MALAI_CLIENT_ID52": caller}
     if tty:
         env["TERM"] = term or "xterm"
-    return ExecRequest(caller, _name_of(config, caller), cluster, list(argv), command, user, uid, gid, pw.pw_dir, env, tty, rows, cols,
+    return ExecRequest(caller, caller_name(config, caller), cluster, list(argv), command, user, uid, gid, pw.pw_dir, env, tty, rows, cols,
                        timeout, decision)
 
 
-def _name_of(config: MachineConfig, caller: str) -> str:
+def caller_name(config: MachineConfig, caller: str) -> str:
     for name, id52 in config.callers.items():
         if id52 == caller:
             return name
     return ""
-
-
-class Denied(MalaiError):
-    def __init__(self, decision: Decision):
-        self.decision = decision
-        super().__init__(f"permission denied: {decision}")
 
 
 def _executable(command: List[str], env: Dict[str, str]) -> Optional[str]:
@@ -117,7 +110,7 @@ class ExecSession(Protocol):
 
     log = Logger()
 
-    def __init__(self, reactor, request: ExecRequest, audit: "AuditLog"):
+    def __init__(self, reactor, request: ExecRequest, audit: AuditLog):
         self.reactor = reactor
         self.request = request
         self.audit = audit
@@ -287,19 +280,3 @@ class _Process(ProcessProtocol):
     def processEnded(self, reason) -> None:
         value = reason.value
         self.session.ended(getattr(value, "exitCode", None), getattr(value, "signal", None))
-
-
-class AuditLog:
-    """``log/audit.jsonl``: one line per request, allowed or denied."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def record(self, **fields) -> None:
-        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)

@@ -72,11 +72,16 @@ class PeerAMP(amp.AMP, TimeoutMixin):
             self.ready.errback(reason)
         self.transport.loseConnection()
 
+    def makeConnection(self, transport) -> None:
+        """As AMP's, without its log line per connection (a forward opens one link a connection)."""
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
     def connectionLost(self, reason) -> None:
         self.setTimeout(None)
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
-        super().connectionLost(reason)
+        amp.BinaryBoxProtocol.connectionLost(self, reason)  # not AMP's: no log line
+        self.transport = None
         if self.dialer and not self.ready.called:  # an accepted link that never said Hello: nobody waits
             self.ready.errback(reason)
         self.closed.callback(self)

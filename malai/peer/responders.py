@@ -5,6 +5,7 @@ the link's verified peer ID52; the cluster service does the work."""
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from malai.acl import Denied
 from malai.config.envelope import Envelope
 from malai.config.errors import ConfigError
 from malai.config.store import HashMismatch
@@ -17,11 +18,13 @@ from malai.peer.commands import (
     GetConfig,
     NotAllowed,
     OpenExec,
+    OpenStream,
     PushConfig,
     PutConfig,
     StaleBase,
 )
-from malai.peer.execution import Denied, ExecSession, prepare
+from malai.peer.execution import ExecSession, caller_name, prepare
+from malai.peer.upstream import authorise, open_tcp
 
 __all__ = ["ClusterResponder"]
 
@@ -87,6 +90,23 @@ class ClusterResponder(amp.CommandLocator):
             cluster.audit.record(cluster=cluster.name, caller=caller, argv=argv, decision="failed", rule=str(e))
             raise ExecFailed(str(e)) from None
         return ExecSession(cluster.daemon.reactor, request, cluster.audit)
+
+    @OpenStream.responder
+    def open_stream(self, kind, service):
+        cluster, caller = self.cluster, self.peer.peer
+        config = cluster.entry.machine
+        name = caller_name(config, caller) if config is not None else ""
+        try:
+            target, decision = authorise(config, caller, kind, service)
+        except Denied as e:
+            cluster.audit.record(cluster=cluster.name, caller=caller, name=name, **{kind: service},
+                                 decision="denied", rule=str(e.decision))
+            self.log.warn("{cluster}: {caller} denied {kind}.{service}: {why}", cluster=cluster.name,
+                          caller=name or caller, kind=kind, service=service, why=e.decision)
+            raise NotAllowed(str(e)) from None
+        if kind == "tcp":
+            return open_tcp(cluster.daemon.reactor, target, decision, self.peer, name, cluster.name, cluster.audit)
+        raise NotAllowed(f"{kind} streams are not served by this machine")
 
     @ConfigHistory.responder
     def history(self):

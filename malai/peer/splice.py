@@ -4,7 +4,7 @@ from typing import List, Optional, Tuple
 
 from twisted.internet.protocol import Factory, Protocol
 
-__all__ = ["Splice", "splice_pair"]
+__all__ = ["Splice", "SwitchTo", "splice_pair"]
 
 
 class Splice(Protocol):
@@ -43,8 +43,8 @@ class Splice(Protocol):
             other.transport.loseConnection()
 
 
-class _One(Factory):
-    """A factory handing out one ready-made protocol (for AMP's protocol switch)."""
+class SwitchTo(Factory):
+    """A factory handing out one ready-made protocol: what an AMP protocol switch builds."""
 
     def __init__(self, protocol: Protocol):
         self.protocol_instance = protocol
@@ -63,4 +63,4 @@ def splice_pair() -> Tuple[Splice, Splice, Factory]:
     """Two joined ends, and a factory giving the second (for ``ProtocolSwitchCommand``)."""
     a, b = Splice(), Splice()
     a.other, b.other = b, a
-    return a, b, _One(b)
+    return a, b, SwitchTo(b)

@@ -7,12 +7,12 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from malai.acl import Acl, Decision, expression_terms
+from malai.audit import AuditLog
 from malai.config.store import ClusterStore
 from malai.errors import MalaiError
 from malai.home import MANAGER, ClusterEntry
-from malai.identity import Identity
+from malai.identity import ID52Error, Identity, parse_id52
 from malai.p2p.link import PeerAddress
-from malai.peer.execution import AuditLog
 from malai.peer.responders import ClusterResponder
 from malai.services.agent import MachineAgent
 from malai.services.publisher import ConfigPublisher
@@ -140,6 +140,19 @@ class ClusterService(MultiService):
             if e.info is not None:
                 return e.info.manager_id52
         return None
+
+    def target(self, peer: str) -> str:
+        """The ID52 of ``peer``: an ID52 as it is, else a machine name of this cluster."""
+        try:
+            return parse_id52(peer)
+        except ID52Error:
+            pass
+        id52 = self.resolve(peer)
+        if id52 is None:
+            known = ", ".join(self.exec_targets()) or "none"
+            raise MalaiError(f"cluster {self.name} has no machine {peer!r} that this device may reach; "
+                             f"machines: {known}")
+        return id52
 
     def exec_targets(self) -> List[str]:
         """Machines one may try to run commands on from here (the machine decides)."""

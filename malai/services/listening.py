@@ -8,7 +8,18 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 
-__all__ = ["ListeningService"]
+__all__ = ["BACKLOG", "ListeningService", "with_backlog"]
+
+#: Twisted listens with a backlog of 50; a burst of new connections beyond it
+#: (a connection pool warming up, a load test) would wait out SYN retransmits.
+BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=BACKLOG`` when it is a TCP endpoint that sets none."""
+    if description.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={BACKLOG}"
+    return description
 
 
 class ListeningService(Service):
@@ -24,7 +35,7 @@ class ListeningService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.ready = serverFromString(self.reactor, self.description).listen(self.factory)
+        self.ready = serverFromString(self.reactor, with_backlog(self.description)).listen(self.factory)
         self.ready.addCallback(self._listening)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:

@@ -22,23 +22,13 @@ from malai.p2p.tls import PeerTLS
 from malai.peer.links import LinkPool
 from malai.peer.protocol import HelloInfo, PeerAMP, PeerAMPFactory
 from malai.services.cluster import ClusterService
+from malai.services.forwarding import Forwards
 from malai.services.listening import ListeningService
+from malai.services.report import Report
 
-__all__ = ["MalaiService", "Report"]
+__all__ = ["MalaiService"]
 
 IDLE_TIMEOUT = 300.0
-
-
-@attrs.frozen
-class Report:
-    """What a rescan did (or, with check, would do) to one cluster."""
-
-    cluster: str
-    action: str  # added, removed, reloaded, unchanged, refused
-    problems: Sequence[str] = ()
-
-    def as_dict(self) -> dict:
-        return {"cluster": self.cluster, "action": self.action, "problems": list(self.problems)}
 
 
 class MalaiService(MultiService):
@@ -69,6 +59,8 @@ class MalaiService(MultiService):
         from malai.control.server import ControlFactory
 
         self.control = ListeningService(reactor, control, ControlFactory(self))
+        self.forwards = Forwards(self)
+        self.forwards.setServiceParent(self)
         self.started: Deferred = Deferred()
 
     # -- lifecycle ------------------------------------------------------------
@@ -182,10 +174,13 @@ class MalaiService(MultiService):
         """Validate everything, then apply only what differs; a broken cluster is
         refused and keeps running as it was, the others are untouched."""
         reports: List[Report] = []
-        try:
-            self.home.load_device()
-        except ConfigError as e:
-            reports.append(Report("malai.toml", "refused", [str(p) for p in e.problems]))
+        if only is None:
+            try:
+                device = self.home.load_device()
+            except ConfigError as e:
+                reports.append(Report("malai.toml", "refused", [str(p) for p in e.problems]))
+            else:
+                reports.extend(self.forwards.apply(device.tcp, check))
         entries = self.home.scan(only)
         by_id52: Dict[str, str] = {}
         for entry in entries:
@@ -249,7 +244,7 @@ class MalaiService(MultiService):
         for svc in self.clusters.values():
             clusters.append({**svc.summary(), "links": self.links_of(svc.identity.id52)})
         return {"pid": os.getpid(), "version": malai.__version__, "uptime": time.time() - self.started_at,
-                "listen": self.addresses(), "clusters": clusters}
+                "listen": self.addresses(), "clusters": clusters, "forwards": self.forwards.summary()}
 
     def cluster(self, alias: str) -> ClusterService:
         try:

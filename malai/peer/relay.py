@@ -1,0 +1,194 @@
+"""``Relay``: a plain TCP connection joined to a peer link that carries it as frames.
+
+The same relay serves both ends of a forward: on the member, the plain side is
+the caller's local connection; on the machine, the upstream service. Over the
+link, ``DATA`` frames carry the bytes, ``EOF`` a half-close (TLS cannot carry
+one on its own) and ``ERROR`` why the far side failed. Each transport is the
+other's producer, so a slow reader pauses the writer end to end.
+"""
+
+from typing import Callable, List, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from malai import frames
+
+__all__ = ["Relay"]
+
+
+class Relay:
+    """Both ends of one relayed stream, and how it ended.
+
+    ``done`` fires with None when the stream closed cleanly (both directions
+    half-closed), or with the reason it was cut.
+    """
+
+    log = Logger()
+
+    def __init__(self, label: str, on_plain_connected: Optional[Callable[["Relay"], None]] = None):
+        self.label = label
+        self.plain = PlainEnd(self)
+        self.link = LinkEnd(self)
+        self.on_plain_connected = on_plain_connected
+        self.bytes_to_link = self.bytes_to_plain = 0
+        self.done: Deferred = Deferred()
+        self._pending: List[bytes] = []
+        self._eof_sent = self._eof_received = False
+        self._reason: Optional[str] = None
+
+    # -- joining --------------------------------------------------------------
+    def plain_connected(self) -> None:
+        if not self.link.connected:
+            self.plain.transport.pauseProducing()  # nowhere to send it yet
+        if self.on_plain_connected is not None:
+            self.on_plain_connected(self)
+
+    def link_connected(self) -> None:
+        plain, link = self.plain.transport, self.link.transport
+        if plain is None or not self.plain.connected:
+            self.fail("the local connection closed before the stream opened")
+            return
+        for data in self._pending:
+            link.write(data)
+        self._pending.clear()
+        link.registerProducer(plain, True)
+        plain.registerProducer(link, True)
+        plain.resumeProducing()
+
+    # -- plain side → link ------------------------------------------------------
+    def from_plain(self, data: bytes) -> None:
+        self.bytes_to_link += len(data)
+        frame = frames.encode(frames.DATA, data)
+        if self.link.connected:
+            self.link.transport.write(frame)
+        else:
+            self._pending.append(frame)
+
+    def plain_eof(self) -> None:
+        self._eof_sent = True
+        frame = frames.encode(frames.EOF)
+        if self.link.connected:
+            self.link.transport.write(frame)
+            self._maybe_finished()
+        else:
+            self._pending.append(frame)
+
+    def plain_lost(self, reason: Failure) -> None:
+        if self.link.connected:
+            self.link.transport.unregisterProducer()
+            if not self._finished():
+                why = self._reason or _describe(reason, "the connection closed")
+                self._reason = self._reason or why
+                self.link.transport.write(frames.encode(frames.ERROR, why.encode()))
+            self.link.transport.loseConnection()
+        elif not self._finished():
+            self._reason = self._reason or _describe(reason, "the connection closed")
+        self._end()
+
+    # -- link → plain side ------------------------------------------------------
+    def from_link(self, kind: bytes, payload: bytes) -> None:
+        plain = self.plain.transport
+        if kind == frames.DATA:
+            self.bytes_to_plain += len(payload)
+            plain.write(payload)
+        elif kind == frames.EOF:
+            self._eof_received = True
+            plain.loseWriteConnection()
+            self._maybe_finished()
+        elif kind == frames.ERROR:
+            self.fail(f"the far side: {payload.decode(errors='replace')}")
+        else:
+            self.fail(f"unexpected frame {kind!r} on a relayed stream")
+
+    def link_lost(self, reason: Failure) -> None:
+        if self.plain.connected:
+            self.plain.transport.unregisterProducer()
+            if self._finished():
+                self.plain.transport.loseConnection()
+            else:
+                self._reason = self._reason or _describe(reason, "the peer link closed")
+                self.plain.transport.abortConnection()
+        self._end()
+
+    # -- ending -------------------------------------------------------------------
+    def fail(self, reason: str) -> None:
+        """Cut both ends now, remembering why."""
+        self._reason = self._reason or reason
+        if self.plain.connected:
+            self.plain.transport.abortConnection()
+        if self.link.connected:
+            self.link.transport.loseConnection()
+        self._end()
+
+    def _finished(self) -> bool:
+        return self._eof_sent and self._eof_received
+
+    def _maybe_finished(self) -> None:
+        if self._finished():
+            self.plain.transport.loseConnection()
+            self.link.transport.loseConnection()
+
+    def _end(self) -> None:
+        if self.plain.connected or self.link.connected or self.done.called:
+            return
+        if self._reason is not None:
+            self.log.warn("{label}: closed: {reason}", label=self.label, reason=self._reason)
+        self.done.callback(self._reason)
+
+
+def _describe(reason: Failure, default: str) -> str:
+    if reason is None or reason.check(ConnectionDone):
+        return default
+    return reason.getErrorMessage() or default
+
+
+@implementer(IHalfCloseableProtocol)
+class PlainEnd(Protocol):
+    """The plain TCP side of a relay."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+
+    def connectionMade(self) -> None:
+        self.relay.plain_connected()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay.from_plain(data)
+
+    def readConnectionLost(self) -> None:
+        self.relay.plain_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.connected = False
+        self.relay.plain_lost(reason)
+
+
+class LinkEnd(Protocol):
+    """The peer-link side of a relay, after the link switched to relay frames."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.parser = frames.FrameParser()
+
+    def connectionMade(self) -> None:
+        self.relay.link_connected()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            for kind, payload in self.parser.feed(data):
+                self.relay.from_link(kind, payload)
+        except ValueError as e:
+            self.relay.fail(f"bad relay frame: {e}")
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.connected = False
+        self.relay.link_lost(reason)
