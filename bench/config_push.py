@@ -9,7 +9,6 @@ convergence after a change that touches every machine's config.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -17,23 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import MALAI, malai, status
+
 from malai.atomic import write_atomic
 from malai.config.cluster_info import render_cluster_info
 from malai.config.models import ClusterInfo
 from malai.identity import Identity
-
-MALAI = str(Path(sys.executable).with_name("malai"))
-
-
-def malai(home: Path, *args: str) -> str:
-    r = subprocess.run([MALAI, *args], env=dict(os.environ, MALAI_HOME=str(home)), capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"malai {' '.join(args)} failed: {r.stderr}")
-    return r.stdout
-
-
-def status(home: Path) -> dict:
-    return json.loads(malai(home, "status", "--json"))
 
 
 def wait_in_sync(cm: Path, n: int, version_at_least: int) -> float:

@@ -81,7 +81,7 @@ class ExecTests(TestCase):
 
     def test_ctrl_c_is_forwarded(self):
         proc = subprocess.Popen(
-            [MALAI, "web01.company", "sh", "-c", "trap 'echo got INT; exit 5' INT; echo ready; sleep 30 & wait"],
+            [MALAI, "web01.company", "sh", "-c", "trap 'echo got INT; exit 5' INT; echo ready; while :; do sleep 0.1; done"],
             env=dict(os.environ, MALAI_HOME=str(self.homes["laptop"].root)), stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.assertEqual(proc.stdout.readline(), b"ready\n")

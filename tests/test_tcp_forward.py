@@ -56,7 +56,10 @@ class _Server:
 
 
 def _digest_after_eof(conn):
-    """Read until the caller half-closes, then answer with the SHA-256 and length of what came."""
+    """Read until the caller half-closes, then answer with the SHA-256 and length of what came.
+
+    It starts reading late, so the machine's buffers fill and the relay is paused when the EOF comes."""
+    time.sleep(1)
     data = _recv_all(conn)
     conn.sendall(f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode())
 

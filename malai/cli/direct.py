@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 
 from malai.control.server import ControlProtocol
 from malai.home import Home
 from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.tls import PeerTLS
-from malai.peer.links import LinkPool
+from malai.peer.links import LinkPool, SpareLinks
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from malai.services.cluster import ClusterService
 
@@ -24,13 +24,15 @@ class DirectContext:
     """What the daemon offers its commands (clusters, dialer, a link pool), for a
     command that runs without one: the clusters' own identities, dialing directly."""
 
-    def __init__(self, home: Home, reactor, only: Optional[str] = None):
+    def __init__(self, home: Home, reactor, only: Optional[str] = None, spares: int = 0):
         self.reactor = reactor
         self.hello = HelloInfo()
         self.tls = PeerTLS()
         self.book = AddressBook()
         self.dialer = Dialer(reactor, self.tls, self.book)
         self.pool = LinkPool(self.dialer, PeerAMPFactory(self.hello, dialer=True))
+        self.streams = SpareLinks(self.dialer, PeerAMPFactory(self.hello, dialer=True, idle_timeout=60,
+                                                              clock=reactor), spares)
         self.clusters = {}
         self.problems = {}
         for entry in home.scan(only):
@@ -52,7 +54,7 @@ class DirectContext:
         return self.clusters[alias]
 
     def close(self) -> Deferred:
-        return self.pool.close()
+        return DeferredList([self.pool.close(), self.streams.close()])
 
 
 class OneShot(ControlProtocol):

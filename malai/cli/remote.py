@@ -266,7 +266,7 @@ class Session:
                                         else frames.encode(frames.SIGNAL, str(n).encode()))
             return self.exit
         except (BrokenPipeError, ConnectionResetError):
-            return self._lost()
+            return self._drain()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -308,6 +308,17 @@ class Session:
         except BlockingIOError:
             return
         del self.queued[:sent]
+
+    def _drain(self) -> int:
+        """Our side could not write: the session may have ended already, with its
+        last frames (the exit status) still waiting to be read."""
+        self.sock.setblocking(True)
+        try:
+            while self.exit is None and self._from_remote():
+                pass
+        except OSError:
+            pass
+        return self.exit if self.exit is not None else self._lost()
 
     def _from_remote(self) -> bool:
         try:
@@ -391,7 +402,10 @@ def fan_out(home: Path, opts: Options, pattern: str, cluster: str, argv: List[st
                 fan.say_error(refused[1])
                 results[name] = fan.finish(refused[0])
                 continue
-            sock.sendall(frames.encode(frames.EOF))
+            try:
+                sock.sendall(frames.encode(frames.EOF))  # fan-out commands get no stdin
+            except OSError:
+                pass  # it already finished: its frames are in `early` or still in the socket
             fan.feed(bytes(early))
             running[sock] = fan
             sel.register(sock, selectors.EVENT_READ)

@@ -166,8 +166,10 @@ async def _forward(reactor, home, args) -> int:
     from malai.cli.direct import DirectContext
     from malai.config.models import TcpForward
     from malai.services.forwarding import TcpForwarder
+    from malai.tap import raise_fd_limit
 
-    context = DirectContext(home, reactor)
+    raise_fd_limit()
+    context = DirectContext(home, reactor, spares=2)
     remote = args.remote.split(".")
     context.cluster(remote[2]).target(remote[1])  # an unknown cluster or machine fails here, not per connection
     forwarder = TcpForwarder(context, TcpForward("forward", args.local, args.remote))
@@ -182,5 +184,6 @@ async def _forward(reactor, home, args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stopped.callback, None))
     await stopped
     await forwarder.stopService()
+    await context.close()
     print(f"stopped after {forwarder.factory.total} connections", file=sys.stderr)
     return 0

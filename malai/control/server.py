@@ -71,7 +71,6 @@ class ControlProtocol(amp.AMP):
         """Open a link of its own to the machine, ask it to run ``argv``, then splice
         this connection to that link: frames pass through untouched."""
         from malai.peer.commands import ExecFailed, NotAllowed, OpenExec
-        from malai.peer.protocol import PeerAMPFactory
         from malai.peer.splice import splice_pair
 
         try:
@@ -80,8 +79,7 @@ class ControlProtocol(amp.AMP):
         except MalaiError as e:
             raise UnknownTarget(str(e)) from None
         try:
-            link = yield self.root.dialer.connect(svc.identity, peer, PeerAMPFactory(self.root.hello, dialer=True))
-            yield link.ready
+            link = yield self.root.streams.take(svc.identity, peer)
         except Exception as e:
             raise Unreachable(f"cannot reach {machine}.{cluster}: {_text(e)}") from None
         ours, theirs, factory = splice_pair()

@@ -1,4 +1,5 @@
-"""``LinkPool``: one link per (local identity, remote ID52), shared by every operation."""
+"""``LinkPool``: one link per (local identity, remote ID52), shared by request/response
+traffic; ``SpareLinks``: links made ready ahead for byte streams, one stream each."""
 
 from typing import Dict, List, Optional, Tuple
 
@@ -9,7 +10,7 @@ from malai.identity import Identity
 from malai.p2p.dial import Dialer
 from malai.peer.protocol import PeerAMP, PeerAMPFactory
 
-__all__ = ["LinkPool"]
+__all__ = ["LinkPool", "SpareLinks"]
 
 Key = Tuple[str, str]
 
@@ -33,7 +34,7 @@ class LinkPool:
         """Fire with a ready ``PeerAMP`` to ``peer``, dialing only when none is open."""
         key = (local.id52, peer)
         link = self._links.get(key)
-        if link is not None:
+        if link is not None and link.innerProtocol is None:
             d: Deferred = Deferred()
             d.callback(link)
             return d
@@ -57,8 +58,12 @@ class LinkPool:
             waiter.errback(failure)
 
     def adopt(self, link: PeerAMP) -> None:
-        """Make ``link`` the one used for its (local, peer) pair."""
+        """Make ``link`` the one used for its (local, peer) pair, unless one is open
+        (a peer may open several: the others will carry byte streams)."""
         key = (link.peer.local, link.peer.peer)
+        current = self._links.get(key)
+        if current is not None and current.innerProtocol is None:
+            return
         self._links[key] = link
         link.closed.addCallback(self._closed, key)
 
@@ -76,3 +81,67 @@ class LinkPool:
         for link in closing:
             link.transport.loseConnection()
         return DeferredList(waits)
+
+
+class SpareLinks:
+    """Ready links kept aside for byte streams (forwarded connections, exec).
+
+    A stream needs a link of its own; dialing one costs a TCP connect, a TLS
+    handshake and a Hello. ``take`` hands out a spare when there is one and
+    dials ``spares`` new ones behind it, so a burst of streams to the same
+    peer finds links ready. Only pairs that carried a stream get spares; an
+    unused spare closes after the factory's idle timeout.
+    """
+
+    def __init__(self, dialer: Dialer, factory: PeerAMPFactory, spares: int = 2):
+        self.dialer = dialer
+        self.factory = factory
+        self.spares = spares
+        self._ready: Dict[Key, List[PeerAMP]] = {}
+        self._dialing: Dict[Key, int] = {}
+
+    def take(self, local: Identity, peer: str) -> Deferred:
+        """Fire with a ready link to ``peer`` that belongs to the caller alone."""
+        key = (local.id52, peer)
+        ready = self._ready.get(key, [])
+        link = ready.pop(0) if ready else None
+        self._refill(local, peer)
+        if link is not None:
+            d: Deferred = Deferred()
+            d.callback(link)
+            return d
+        return self._dial(local, peer)
+
+    def _dial(self, local: Identity, peer: str) -> Deferred:
+        d = self.dialer.connect(local, peer, self.factory)
+        d.addCallback(lambda link: link.ready.addCallback(lambda _: link))
+        return d
+
+    def _refill(self, local: Identity, peer: str) -> None:
+        key = (local.id52, peer)
+        missing = self.spares - len(self._ready.get(key, [])) - self._dialing.get(key, 0)
+        for _ in range(missing):
+            self._dialing[key] = self._dialing.get(key, 0) + 1
+            d = self._dial(local, peer)
+            d.addCallbacks(self._spare, self._spare_failed, callbackArgs=(key,), errbackArgs=(key,))
+
+    def _spare(self, link: PeerAMP, key: Key) -> None:
+        self._dialing[key] -= 1
+        self._ready.setdefault(key, []).append(link)
+        link.closed.addCallback(self._discard, key)
+
+    def _spare_failed(self, failure, key: Key) -> None:
+        self._dialing[key] -= 1  # the next take dials in the open and reports the error
+
+    def _discard(self, link: PeerAMP, key: Key) -> None:
+        ready = self._ready.get(key, [])
+        if link in ready:
+            ready.remove(link)
+
+    def close(self, local: Optional[str] = None) -> Deferred:
+        """Close the spares (of the ``local`` ID52 only, if given)."""
+        closing = [link for key, links in self._ready.items() if local is None or key[0] == local
+                   for link in links]
+        for link in closing:
+            link.transport.loseConnection()
+        return DeferredList([link.closed for link in closing])

@@ -74,6 +74,7 @@ class Relay:
         self._eof_sent = True
         frame = frames.encode(frames.EOF)
         if self.link.connected:
+            self.link.transport.unregisterProducer()  # the plain side sends no more
             self.link.transport.write(frame)
             self._maybe_finished()
         else:
@@ -99,6 +100,10 @@ class Relay:
             plain.write(payload)
         elif kind == frames.EOF:
             self._eof_received = True
+            # The link sends no more. Unregister it first: Twisted half-closes a
+            # socket only if no paused producer is waiting for its buffer to drain.
+            plain.unregisterProducer()
+            self.link.transport.resumeProducing()
             plain.loseWriteConnection()
             self._maybe_finished()
         elif kind == frames.ERROR:

@@ -19,7 +19,6 @@ from malai.config.device import check_remote
 from malai.config.models import TcpForward
 from malai.errors import MalaiError
 from malai.peer.commands import NotAllowed, OpenStream, UpstreamFailed
-from malai.peer.protocol import PeerAMPFactory
 from malai.peer.relay import LinkEnd, Relay
 from malai.peer.splice import SwitchTo
 from malai.services.listening import ListeningService
@@ -59,12 +58,10 @@ def listen_endpoint(local: str) -> str:
 def open_stream(context, remote: ServiceAddress, kind: str, link_end: LinkEnd):
     """Dial ``remote``'s machine on a link of its own and hand the link to ``link_end``.
 
-    ``context`` is the daemon (or a one-shot stand-in): ``cluster(alias)``,
-    ``dialer`` and ``hello``. Fails with a MalaiError that says why."""
+    ``context`` is the daemon (or a one-shot stand-in): ``cluster(alias)`` and
+    ``streams`` (SpareLinks). Fails with a MalaiError that says why."""
     cluster = context.cluster(remote.cluster)
-    peer = cluster.target(remote.machine)
-    link = yield context.dialer.connect(cluster.identity, peer, PeerAMPFactory(context.hello, dialer=True))
-    yield link.ready
+    link = yield context.streams.take(cluster.identity, cluster.target(remote.machine))
     try:
         yield link.callRemote(OpenStream, _protoToSwitchToFactory=SwitchTo(link_end), kind=kind,
                               service=remote.service)

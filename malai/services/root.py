@@ -19,7 +19,7 @@ from malai.lock import DaemonLock
 from malai.p2p.dial import AddressBook, Dialer, advertised_hint
 from malai.p2p.link import PeerAddress, server_factory
 from malai.p2p.tls import PeerTLS
-from malai.peer.links import LinkPool
+from malai.peer.links import LinkPool, SpareLinks
 from malai.peer.protocol import HelloInfo, PeerAMP, PeerAMPFactory
 from malai.services.cluster import ClusterService
 from malai.services.forwarding import Forwards
@@ -29,6 +29,7 @@ from malai.services.report import Report
 __all__ = ["MalaiService"]
 
 IDLE_TIMEOUT = 300.0
+SPARE_IDLE_TIMEOUT = 60.0
 
 
 class MalaiService(MultiService):
@@ -48,6 +49,8 @@ class MalaiService(MultiService):
         self.hello = HelloInfo()
         self.pool = LinkPool(self.dialer, PeerAMPFactory(
             self.hello, dialer=True, responder=self._responder, idle_timeout=IDLE_TIMEOUT, clock=reactor))
+        self.streams = SpareLinks(self.dialer, PeerAMPFactory(
+            self.hello, dialer=True, idle_timeout=SPARE_IDLE_TIMEOUT, clock=reactor))
         self._accepted = PeerAMPFactory(self.hello, dialer=False, responder=self._responder,
                                         idle_timeout=IDLE_TIMEOUT, clock=reactor)
         self.clusters: Dict[str, ClusterService] = {}
@@ -91,7 +94,7 @@ class MalaiService(MultiService):
     def _advertise(self) -> None:
         """Tell peers in ``Hello`` where we listen, so they can dial us back."""
         self.hello = attrs.evolve(self.hello, addrs=tuple(self.addresses()))
-        self.pool.factory.hello = self._accepted.hello = self.hello
+        self.pool.factory.hello = self.streams.factory.hello = self._accepted.hello = self.hello
 
     def _fatal(self, failure) -> None:
         """A start-up error (a port in use, say): log it, stop, and exit with status 1."""
@@ -120,7 +123,7 @@ class MalaiService(MultiService):
         for svc in [self.control, *self.listeners]:
             if svc.running:
                 yield svc.stopService()
-        closing = self.pool.close()
+        closing = DeferredList([self.pool.close(), self.streams.close()])
         timeout = self.reactor.callLater(self.stop_timeout, self._abort_links)
         yield closing
         if timeout.active():
@@ -234,7 +237,7 @@ class MalaiService(MultiService):
     def _remove(self, alias: str) -> Deferred:
         svc = self.clusters.pop(alias)
         self.tls.remove(svc.identity.id52)
-        closing = self.pool.close(svc.identity.id52)
+        closing = DeferredList([self.pool.close(svc.identity.id52), self.streams.close(svc.identity.id52)])
         stopped = svc.disownServiceParent()
         return DeferredList([closing, stopped]) if stopped is not None else closing
 
