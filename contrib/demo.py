@@ -27,6 +27,8 @@ def malai(home: Path, *args: str, check: bool = True) -> str:
     out = (r.stdout + r.stderr).rstrip()
     if out:
         print("  " + out.replace("\n", "\n  "))
+    if r.returncode and not check:
+        print(f"  (exit status {r.returncode})")
     if check and r.returncode:
         sys.exit(f"demo failed: malai {' '.join(args)} exited {r.returncode}")
     return r.stdout
@@ -91,9 +93,56 @@ def run(root: Path, cm: Path, web: Path, laptop: Path, started: list) -> None:
     malai(cm, "ping", "web01.company")
     malai(cm, "ping", "laptop.company")
 
+    step("laptop runs commands on web01: any argv (allow_from), and the named command `uptime`")
+    malai(laptop, "web01.company", "uname", "-sr")
+    malai(laptop, "web01.company", "uptime")
+    malai(laptop, "web01.company", "sh", "-c", "echo to stderr >&2; exit 3", check=False)
+
+    step("web01 serves files on its loopback only; laptop reaches them through a TCP forward")
+    site = root / "site"
+    site.mkdir()
+    (site / "index.html").write_text("hello from web01, through malai\n")
+    upstream = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(upstream), "--bind", "127.0.0.1",
+                               "--directory", str(site)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with open(config, "a") as f:
+            f.write(f'\n[machine.web01.tcp.files]\nport = {upstream}\nallow_from = "laptop"\n')
+        print(f"  appended [machine.web01.tcp.files] (port {upstream}) to {config}")
+        malai(cm, "rescan")
+        local = free_port()
+        malai(laptop, "service", "add", "tcp", "files", f"127.0.0.1:{local}", "files.web01.company")
+        body = fetch(f"http://127.0.0.1:{local}/index.html")
+        print(f"$ curl http://127.0.0.1:{local}/index.html\n  {body.strip()}")
+        malai(laptop, "service", "list")
+    finally:
+        server.terminate()
+
     step("Each daemon's view")
     for home in (cm, web, laptop):
         malai(home, "status")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fetch(url: str, attempts: int = 50) -> str:
+    """GET ``url``, retrying while web01 takes its new config."""
+    import time
+    import urllib.request
+
+    for _ in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return r.read().decode()
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"demo failed: {url} did not answer")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,10 @@ async def apply_if_running(reactor, home, cluster, check_when_stopped: bool) -> 
         code = check(home, cluster)
         print("the daemon is not running: nothing applied (it loads these files when it starts)")
         return code
-    print("the running daemon rescans:" if check_when_stopped else f"the running daemon loads {cluster!r}:")
+    if check_when_stopped:
+        print("the running daemon rescans:")
+    else:
+        print(f"the running daemon loads {cluster!r}:" if cluster else "the running daemon applies malai.toml:")
     return await _apply(reactor, home, cluster)
 
 
