@@ -15,10 +15,11 @@ setup(
         "attrs>=23",
         "automat>=24",
         "tomlkit>=0.12",
+        "h11>=0.14",
         "txtorcon>=23",
     ],
     extras_require={
-        "test": ["hypothesis>=6", "ruff", "mypy", "mypy-zope"],
+        "test": ["hypothesis>=6", "ruff", "mypy", "mypy-zope", "websockets>=12"],
     },
     entry_points={"console_scripts": ["malai = malai.cli:run"]},
 )

@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS = frozenset({"acl", "cluster", "config", "daemon", "forward", "info", "keygen", "machine", "ping",
-                         "rescan", "service", "status", "stop"})
+SUBCOMMANDS = frozenset({"acl", "cluster", "config", "daemon", "forward", "info", "keygen", "machine", "open",
+                         "ping", "rescan", "service", "status", "stop"})
 
 
 def _remote_argv(argv: List[str]) -> Optional[tuple]:

@@ -152,6 +152,8 @@ def _print_status(state: dict) -> None:
             print(f"    {m['machine']:<16} version {m['version']:<4} {m['sync']}{error}, {seen}")
     for f in state.get("forwards", []):
         print(f"  tcp.{f['name']:<12} {f['local']} → {f['remote']}, {f['active']} open, {f['total']} since start")
+    if state.get("http"):
+        print(f"  http front on {state['http']}: {', '.join(state['http_urls']) or 'no services to reach'}")
 
 
 def _duration(seconds: float) -> str:

@@ -1,6 +1,7 @@
 """``malai service add|remove|list``: the forwards in ``malai.toml``, applied live;
 ``malai forward``: one forward in the foreground until Ctrl-C."""
 
+import os
 import signal
 import sys
 
@@ -27,14 +28,26 @@ def add_parser(sub) -> None:
     t.add_argument("local", help="HOST:PORT to listen on, e.g. 127.0.0.1:3306")
     t.add_argument("remote", help="<service>.<machine>.<cluster>, e.g. mysql.db01.company")
     t.set_defaults(run=run_add_tcp)
+    h = kinds.add_parser("http", help="the HTTP front: http://<service>.<cluster>.localhost:PORT",
+                         description="Serve http://<service>.<cluster>.localhost:PORT on LISTEN, reaching the "
+                                     "machines' HTTP services (sets [http] listen).")
+    h.add_argument("listen", help="HOST:PORT, e.g. 127.0.0.1:8080")
+    h.set_defaults(run=run_add_http)
     r = actions.add_parser("remove", help="remove a forward", description="Remove a forward and close its "
                                                                          "listener.")
-    r.add_argument("name")
+    r.add_argument("name", help="a tcp forward's name, or http for the HTTP front")
     r.set_defaults(run=run_remove)
     ls = actions.add_parser("list", help="list forwards", description="The forwards in malai.toml, with "
                                                                      "live counts when the daemon runs.")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(run=run_list)
+
+    o = sub.add_parser("open", help="the URL of an HTTP service (opened in a browser when there is one)",
+                       description="Print http://<service>.<cluster>.localhost:PORT for the HTTP front, and open "
+                                   "it in a browser when one is available (--print-only: never).")
+    o.add_argument("service", help="<service>.<cluster> or <service>.<machine>.<cluster>")
+    o.add_argument("--print-only", action="store_true", help="do not start a browser")
+    o.set_defaults(run=run_open)
 
     f = sub.add_parser("forward", help="forward a local port in the foreground until Ctrl-C",
                        description="Listen on LOCAL (default: a free port on 127.0.0.1) and relay each "
@@ -75,6 +88,8 @@ def _edit(home, change) -> None:
 
 def run_add_tcp(args) -> int:
     _check(args.name, check_name, "name")
+    if args.name == "http":
+        raise UsageError("'http' names the HTTP front in `malai service remove`; pick another name")
     _check(args.local, check_addr, "local address")
     _check(args.remote, check_remote, "remote")
     home = home_of(args)
@@ -97,10 +112,36 @@ def run_add_tcp(args) -> int:
     return _apply(home)
 
 
+def run_add_http(args) -> int:
+    _check(args.listen, check_addr, "listen address")
+    home = home_of(args)
+
+    def add(doc) -> None:
+        if "http" in doc:
+            raise MalaiError(f"the HTTP front is already set in {home.device_config} "
+                             f"(listen = {doc['http'].get('listen')!r}); remove it first (malai service remove http)")
+        table = tomlkit.table()
+        table["listen"] = args.listen
+        doc["http"] = table
+
+    _edit(home, add)
+    print(f"the HTTP front listens on {args.listen}: http://<service>.<cluster>.localhost:{args.listen.rsplit(':', 1)[1]}/")
+    return _apply(home)
+
+
+def _remove_http(doc, home) -> None:
+    if "http" not in doc:
+        raise MalaiError(f"no HTTP front in {home.device_config}")
+    del doc["http"]
+
+
 def run_remove(args) -> int:
     home = home_of(args)
 
     def remove(doc) -> None:
+        if args.name == "http":
+            _remove_http(doc, home)
+            return
         tcp = doc.get("tcp", {})
         if args.name not in tcp:
             known = ", ".join(tcp) or "none"
@@ -110,7 +151,7 @@ def run_remove(args) -> int:
             del doc["tcp"]
 
     _edit(home, remove)
-    print(f"removed tcp.{args.name}")
+    print("removed the HTTP front" if args.name == "http" else f"removed tcp.{args.name}")
     return _apply(home)
 
 
@@ -123,12 +164,18 @@ def _apply(home) -> int:
 def run_list(args) -> int:
     home = home_of(args)
     device = home.load_device()
-    live = {f["name"]: f for f in run_twisted(_live_forwards, home)}
+    state = run_twisted(_live_state, home)
+    live = {f["name"]: f for f in state.get("forwards", [])}
     rows = []
     for name, forward in sorted(device.tcp.items()):
         row = {"name": name, "kind": "tcp", "local": forward.local, "remote": forward.remote}
         if name in live:
             row.update(listening=live[name]["local"], active=live[name]["active"], total=live[name]["total"])
+        rows.append(row)
+    if device.http_listen:
+        row = {"name": "http", "kind": "http", "local": device.http_listen}
+        if state.get("http"):
+            row.update(listening=state["http"], urls=state["http_urls"])
         rows.append(row)
     if args.json:
         print_json(rows)
@@ -136,16 +183,48 @@ def run_list(args) -> int:
     if not rows:
         print(f"no forwards in {home.device_config}; add one with: malai service add tcp NAME LOCAL REMOTE")
     for row in rows:
-        state = f"{row['active']} open, {row['total']} since start" if "active" in row else "not running"
-        print(f"tcp.{row['name']:<12} {row['local']:<22} → {row['remote']:<32} {state}")
+        if row["kind"] == "http":
+            urls = ", ".join(row["urls"]) or "no services to reach" if "urls" in row else "not running"
+            print(f"http front        {row['local']:<22} → {urls}")
+            continue
+        live_state = f"{row['active']} open, {row['total']} since start" if "active" in row else "not running"
+        print(f"tcp.{row['name']:<12} {row['local']:<22} → {row['remote']:<32} {live_state}")
     return 0
 
 
-async def _live_forwards(reactor, home) -> list:
+async def _live_state(reactor, home) -> dict:
     from malai.cli.daemon import RUNNING, daemon_state
 
     state = await daemon_state(reactor, home)
-    return state.get("forwards", []) if state["state"] == RUNNING else []
+    return state if state["state"] == RUNNING else {}
+
+
+def run_open(args) -> int:
+    home = home_of(args)
+    listen = home.load_device().http_listen
+    if not listen:
+        raise MalaiError(f"no HTTP front in {home.device_config}: add one with "
+                         "`malai service add http 127.0.0.1:8080`")
+    url = run_twisted(_url, home, args.service, listen)
+    print(url)
+    if not args.print_only and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+                                or sys.platform == "darwin") and sys.stdout.isatty():
+        import webbrowser
+
+        webbrowser.open(url)
+    return 0
+
+
+async def _url(reactor, home, service: str, listen: str) -> str:
+    from malai.cli.direct import DirectContext
+    from malai.services.http_front import resolve_host
+
+    host = f"{service}.localhost"
+    remote, why = resolve_host(DirectContext(home, reactor), host)
+    if remote is None:
+        raise MalaiError(why)
+    port = (await _live_state(reactor, home)).get("http", listen).rsplit(":", 1)[1]
+    return f"http://{host}:{port}/"
 
 
 def run_forward(args) -> int:

@@ -70,6 +70,7 @@ def parse_machine_table(name: str, t: Table) -> Optional[Machine]:
         http[sname] = HttpService(
             sname, _port(st) or 0, st.string("allow_from"), st.string("host", default="127.0.0.1"),
             st.boolean("inject_headers", True), st.boolean("secure", False),
+            st.integer("timeout", low=1, high=86400, default=60),
         )
         st.done()
     machine = Machine(

@@ -51,6 +51,7 @@ class HttpService:
     host: str = "127.0.0.1"
     inject_headers: bool = True
     secure: bool = False
+    timeout: int = 60  # seconds to wait for the upstream's response head (then 504)
 
 
 @attrs.frozen

@@ -52,6 +52,8 @@ class Status(amp.Command):
             (b"active", amp.Integer()),
             (b"total", amp.Integer()),
         ])),
+        (b"http", amp.Unicode(optional=True)),  # where the HTTP front listens
+        (b"http_urls", amp.ListOf(amp.Unicode())),
     ]
 
 

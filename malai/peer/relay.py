@@ -31,9 +31,10 @@ class Relay:
 
     log = Logger()
 
-    def __init__(self, label: str, on_plain_connected: Optional[Callable[["Relay"], None]] = None):
+    def __init__(self, label: str, on_plain_connected: Optional[Callable[["Relay"], None]] = None,
+                 plain_end: Optional[Callable[["Relay"], "PlainEnd"]] = None):
         self.label = label
-        self.plain = PlainEnd(self)
+        self.plain = (plain_end or PlainEnd)(self)
         self.link = LinkEnd(self)
         self.on_plain_connected = on_plain_connected
         self.bytes_to_link = self.bytes_to_plain = 0
@@ -41,6 +42,7 @@ class Relay:
         self._pending: List[bytes] = []
         self._eof_sent = self._eof_received = False
         self._reason: Optional[str] = None
+        self._quiet = False
 
     # -- joining --------------------------------------------------------------
     def plain_connected(self) -> None:
@@ -114,7 +116,7 @@ class Relay:
     def link_lost(self, reason: Failure) -> None:
         if self.plain.connected:
             self.plain.transport.unregisterProducer()
-            if self._finished():
+            if self._eof_received:  # the far side ended its half: what it sent is delivered, then close
                 self.plain.transport.loseConnection()
             else:
                 self._reason = self._reason or _describe(reason, "the peer link closed")
@@ -122,6 +124,13 @@ class Relay:
         self._end()
 
     # -- ending -------------------------------------------------------------------
+    def refuse(self, answer: bytes, reason: str) -> None:
+        """Answer the plain side and close it, the stream not opened (an error page, say)."""
+        self._reason, self._quiet = reason, True
+        if self.plain.connected:
+            self.plain.transport.write(answer)
+            self.plain.transport.loseConnection()
+
     def fail(self, reason: str) -> None:
         """Cut both ends now, remembering why."""
         self._reason = self._reason or reason
@@ -143,7 +152,8 @@ class Relay:
         if self.plain.connected or self.link.connected or self.done.called:
             return
         if self._reason is not None:
-            self.log.warn("{label}: closed: {reason}", label=self.label, reason=self._reason)
+            (self.log.info if self._quiet else self.log.warn)("{label}: {reason}", label=self.label,
+                                                               reason=self._reason)
         self.done.callback(self._reason)
 
 

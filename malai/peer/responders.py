@@ -24,6 +24,8 @@ from malai.peer.commands import (
     StaleBase,
 )
 from malai.peer.execution import ExecSession, caller_name, prepare
+from malai.peer.http_headers import Caller
+from malai.peer.http_proxy import HttpSession
 from malai.peer.upstream import authorise, open_tcp
 
 __all__ = ["ClusterResponder"]
@@ -106,7 +108,9 @@ class ClusterResponder(amp.CommandLocator):
             raise NotAllowed(str(e)) from None
         if kind == "tcp":
             return open_tcp(cluster.daemon.reactor, target, decision, self.peer, name, cluster.name, cluster.audit)
-        raise NotAllowed(f"{kind} streams are not served by this machine")
+        who = Caller(caller, name, config.manager.cluster_name, getattr(self.peer.address, "host", ""))
+        return HttpSession(cluster.daemon.reactor, target, who, cluster.daemon.http_upstreams, cluster.audit,
+                           str(decision))
 
     @ConfigHistory.responder
     def history(self):

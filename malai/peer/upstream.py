@@ -7,8 +7,9 @@ service is down learns why at once instead of holding a dead connection.
 import time
 from typing import Optional, Tuple, Union
 
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from malai.acl import Acl, Decision, Denied
@@ -19,7 +20,7 @@ from malai.peer.commands import UpstreamFailed
 from malai.peer.proxy_header import proxy_v2
 from malai.peer.relay import LinkEnd, Relay
 
-__all__ = ["CONNECT_TIMEOUT", "authorise", "open_tcp"]
+__all__ = ["CONNECT_TIMEOUT", "authorise", "connect_quietly", "open_tcp"]
 
 CONNECT_TIMEOUT = 10.0
 log = Logger()
@@ -47,7 +48,7 @@ def open_tcp(reactor, service: TcpService, decision: Decision, peer: PeerAddress
     relay = Relay(f"{cluster}: tcp.{service.name} for {who}")
     endpoint = HostnameEndpoint(reactor, service.host, service.port, timeout=CONNECT_TIMEOUT)
     try:
-        yield connectProtocol(endpoint, relay.plain)
+        yield connect_quietly(endpoint, relay.plain)
     except Exception as e:
         why = f"tcp service {service.name}: cannot connect to {service.host}:{service.port}: {_reason(e)}"
         log.warn("{cluster}: {who}: {why}", cluster=cluster, who=who, why=why)
@@ -68,6 +69,21 @@ def open_tcp(reactor, service: TcpService, decision: Decision, peer: PeerAddress
     relay.done.addCallback(ended)
     link_end: LinkEnd = relay.link
     return link_end
+
+
+class _OneProtocol(Factory):
+    noisy = False  # no "Starting factory" line per upstream connection
+
+    def __init__(self, protocol: Protocol):
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr) -> Protocol:
+        return self.protocol_instance
+
+
+def connect_quietly(endpoint, protocol: Protocol) -> Deferred:
+    """``connectProtocol`` without its log lines: fires with ``protocol`` once connected."""
+    return endpoint.connect(_OneProtocol(protocol))
 
 
 def _reason(error: Exception) -> str:

@@ -1,6 +1,6 @@
 """``ClusterService``: one cluster this device belongs to, as manager or machine."""
 
-from typing import Dict, FrozenSet, List, Optional
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
@@ -161,6 +161,17 @@ class ClusterService(MultiService):
             return sorted(m.name for m in e.cluster.machines.values() if m.id52 != self.identity.id52)
         if e.machine is not None:
             return sorted(d.name for d in e.machine.directory.values() if d.exec or d.shell or d.commands)
+        return []
+
+    def http_services(self) -> List[Tuple[str, str]]:
+        """(machine, service) pairs of the HTTP services this device may reach in this cluster."""
+        e, me = self.entry, self.identity.id52
+        if e.cluster is not None:
+            acl = Acl.for_cluster(e.cluster)
+            return sorted((m.name, s) for m in e.cluster.machines.values() if m.id52 != me
+                          for s in m.http if acl.can_reach(m, "http", s, me))
+        if e.machine is not None:
+            return sorted((d.name, s) for d in e.machine.directory.values() for s in d.http)
         return []
 
     def responder_for(self, peer: PeerAddress) -> amp.CommandLocator:

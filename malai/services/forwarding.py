@@ -6,7 +6,7 @@ accepted connection gets a peer link of its own (see DESIGN.md, layer 3), so
 TCP's flow control is per forwarded connection.
 """
 
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
 
 import attrs
 from twisted.application.service import MultiService
@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from malai.config.device import check_remote
-from malai.config.models import TcpForward
+from malai.config.models import DeviceConfig, TcpForward
 from malai.errors import MalaiError
 from malai.peer.commands import NotAllowed, OpenStream, UpstreamFailed
 from malai.peer.relay import LinkEnd, Relay
@@ -24,7 +24,11 @@ from malai.peer.splice import SwitchTo
 from malai.services.listening import ListeningService
 from malai.services.report import Report
 
-__all__ = ["Forwards", "ServiceAddress", "TcpForwarder", "listen_endpoint", "open_stream"]
+__all__ = ["Forwards", "ServiceAddress", "StreamDenied", "TcpForwarder", "listen_endpoint", "open_stream"]
+
+
+class StreamDenied(MalaiError):
+    """The machine refused the stream; the message says which rule decided."""
 
 
 @attrs.frozen
@@ -65,7 +69,10 @@ def open_stream(context, remote: ServiceAddress, kind: str, link_end: LinkEnd):
     try:
         yield link.callRemote(OpenStream, _protoToSwitchToFactory=SwitchTo(link_end), kind=kind,
                               service=remote.service)
-    except (NotAllowed, UpstreamFailed) as e:
+    except NotAllowed as e:
+        link.transport.loseConnection()
+        raise StreamDenied(f"{remote}: {e}") from None
+    except UpstreamFailed as e:
         link.transport.loseConnection()
         raise MalaiError(f"{remote}: {e}") from None
 
@@ -113,17 +120,19 @@ class TcpForwarder(ListeningService):
 
 
 class Forwards(MultiService):
-    """Every forward of ``malai.toml``, reconciled by ``apply``."""
+    """Every forward of ``malai.toml`` and its HTTP front, reconciled by ``apply``."""
 
     def __init__(self, context):
         super().__init__()
         self.context = context
         self.forwarders: Dict[str, TcpForwarder] = {}
+        self.http = None  # the HttpFront, when [http] listen is set
         self.setName("forwards")
 
-    def apply(self, wanted: Dict[str, TcpForward], check: bool = False) -> List[Report]:
-        """Stop the forwards that went away or changed, start the new ones."""
+    def apply(self, device: DeviceConfig, check: bool = False) -> List[Report]:
+        """Stop what went away or changed, start what is new."""
         reports = []
+        wanted = device.tcp
         for name in sorted(set(self.forwarders) - set(wanted)):
             if not check:
                 self.forwarders.pop(name).disownServiceParent()
@@ -138,21 +147,41 @@ class Forwards(MultiService):
                 continue
             if current is not None:
                 self.forwarders.pop(name).disownServiceParent()
-            reports.append(self._start(forward, action))
+            report, forwarder = self._start(TcpForwarder(self.context, forward), f"tcp.{name}", forward.local,
+                                            action)
+            if forwarder is not None:
+                self.forwarders[name] = forwarder
+            reports.append(report)
+        reports.extend(self._apply_http(device.http_listen, check))
         return reports
 
-    def _start(self, forward: TcpForward, action: str) -> Report:
-        forwarder = TcpForwarder(self.context, forward)
-        forwarder.setServiceParent(self)
+    def _apply_http(self, listen: Optional[str], check: bool) -> List[Report]:
+        from malai.services.http_front import HttpFront
+
+        current = self.http.listen if self.http is not None else None
+        if listen == current:
+            return []
+        action = "removed" if listen is None else "added" if current is None else "reloaded"
+        if check:
+            return [Report("http", action)]
+        if self.http is not None:
+            self.http.disownServiceParent()
+            self.http = None
+        if listen is None:
+            return [Report("http", action)]
+        report, self.http = self._start(HttpFront(self.context, listen), "http", listen, action)
+        return [report]
+
+    def _start(self, service: ListeningService, name: str, local: str, action: str):
+        """Start ``service``; (the report, the service or None when it cannot listen)."""
+        service.setServiceParent(self)
         failures: list = []
-        if forwarder.ready is not None:  # TCP listens at once: its Deferred has already fired
-            forwarder.ready.addErrback(failures.append)
+        if service.ready is not None:  # TCP listens at once: its Deferred has already fired
+            service.ready.addErrback(failures.append)
         if failures:
-            forwarder.disownServiceParent()
-            return Report(f"tcp.{forward.name}", "refused",
-                          [f"cannot listen on {forward.local}: {failures[0].getErrorMessage()}"])
-        self.forwarders[forward.name] = forwarder
-        return Report(f"tcp.{forward.name}", action)
+            service.disownServiceParent()
+            return Report(name, "refused", [f"cannot listen on {local}: {failures[0].getErrorMessage()}"]), None
+        return Report(name, action), service
 
     def summary(self) -> List[dict]:
         return [f.summary() for _, f in sorted(self.forwarders.items())]

@@ -19,6 +19,7 @@ from malai.lock import DaemonLock
 from malai.p2p.dial import AddressBook, Dialer, advertised_hint
 from malai.p2p.link import PeerAddress, server_factory
 from malai.p2p.tls import PeerTLS
+from malai.peer.http_proxy import UpstreamPool
 from malai.peer.links import LinkPool, SpareLinks
 from malai.peer.protocol import HelloInfo, PeerAMP, PeerAMPFactory
 from malai.services.cluster import ClusterService
@@ -53,6 +54,7 @@ class MalaiService(MultiService):
             self.hello, dialer=True, idle_timeout=SPARE_IDLE_TIMEOUT, clock=reactor))
         self._accepted = PeerAMPFactory(self.hello, dialer=False, responder=self._responder,
                                         idle_timeout=IDLE_TIMEOUT, clock=reactor)
+        self.http_upstreams = UpstreamPool(reactor)
         self.clusters: Dict[str, ClusterService] = {}
         self.listeners: List[ListeningService] = []
         for description in listen:
@@ -113,7 +115,7 @@ class MalaiService(MultiService):
 
     def log_reports(self, reports: List[Report]) -> None:
         for r in reports:
-            self.log.info("cluster {cluster}: {action}{problems}", cluster=r.cluster, action=r.action,
+            self.log.info("{cluster}: {action}{problems}", cluster=r.cluster, action=r.action,
                           problems="".join(f"\n  {p}" for p in r.problems))
 
     @inlineCallbacks
@@ -128,6 +130,7 @@ class MalaiService(MultiService):
         yield closing
         if timeout.active():
             timeout.cancel()
+        self.http_upstreams.close()
         yield super().stopService()
         self.lock.release()
 
@@ -183,7 +186,7 @@ class MalaiService(MultiService):
             except ConfigError as e:
                 reports.append(Report("malai.toml", "refused", [str(p) for p in e.problems]))
             else:
-                reports.extend(self.forwards.apply(device.tcp, check))
+                reports.extend(self.forwards.apply(device, check))
         entries = self.home.scan(only)
         by_id52: Dict[str, str] = {}
         for entry in entries:
@@ -247,7 +250,9 @@ class MalaiService(MultiService):
         for svc in self.clusters.values():
             clusters.append({**svc.summary(), "links": self.links_of(svc.identity.id52)})
         return {"pid": os.getpid(), "version": malai.__version__, "uptime": time.time() - self.started_at,
-                "listen": self.addresses(), "clusters": clusters, "forwards": self.forwards.summary()}
+                "listen": self.addresses(), "clusters": clusters, "forwards": self.forwards.summary(),
+                "http_urls": self.forwards.http.urls() if self.forwards.http else [],
+                **({"http": self.forwards.http.address()} if self.forwards.http else {})}
 
     def cluster(self, alias: str) -> ClusterService:
         try:

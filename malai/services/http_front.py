@@ -1,0 +1,161 @@
+"""The HTTP front: ``http://<service>.<cluster>.localhost:<port>`` reaches a machine's HTTP service.
+
+A browser connection is read up to the end of its first request head; the
+``Host`` picks the machine and service, and from then on the connection is
+relayed as it is over a peer link of its own (``OpenStream http``). The
+machine parses every request, so a later request on the same connection for
+another host gets a 421 and the browser opens a new connection for it.
+"""
+
+import html
+from typing import List, Optional, Tuple
+
+import h11
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from malai.errors import MalaiError
+from malai.peer.relay import PlainEnd, Relay
+from malai.services.forwarding import ServiceAddress, StreamDenied, open_stream
+from malai.services.listening import ListeningService
+
+__all__ = ["HttpFront", "resolve_host"]
+
+MAX_HEAD = 64 * 1024
+SUFFIX = ".localhost"
+
+
+def resolve_host(context, host: str) -> Tuple[Optional[ServiceAddress], str]:
+    """The service a Host names, or None and why not."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.lower().rstrip(".")
+    if not name.endswith(SUFFIX):
+        return None, f"{host!r} is not a malai name: use <service>.<cluster>.localhost"
+    labels = name[:-len(SUFFIX)].split(".")
+    if len(labels) not in (2, 3):
+        return None, f"{host!r}: use <service>.<cluster>.localhost or <service>.<machine>.<cluster>.localhost"
+    service, cluster = labels[0], labels[-1]
+    try:
+        svc = context.cluster(cluster)
+    except MalaiError:
+        return None, f"this device is in no cluster {cluster!r}"
+    if len(labels) == 3:
+        if svc.resolve(labels[1]) is None:
+            return None, f"cluster {cluster} has no machine {labels[1]!r} that this device may reach"
+        return ServiceAddress(service, labels[1], cluster), ""  # the machine decides
+    machines = [m for m, s in svc.http_services() if s == service]
+    if not machines:
+        return None, f"no machine of {cluster} offers this device an http service {service!r}"
+    if len(machines) > 1:
+        return None, (f"{len(machines)} machines of {cluster} offer {service!r} ({', '.join(machines)}): "
+                      f"name one, as {service}.{machines[0]}.{cluster}.localhost")
+    return ServiceAddress(service, machines[0], cluster), ""
+
+
+class _FrontEnd(PlainEnd):
+    """A browser connection: routed by its first request head, then relayed."""
+
+    front: "_FrontFactory"
+
+    def __init__(self, relay: Relay):
+        super().__init__(relay)
+        self.head = b""
+        self.routed = False
+
+    def connectionMade(self) -> None:
+        pass  # the relay joins once the first request is routed
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.routed:
+            super().dataReceived(data)
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            if len(self.head) > MAX_HEAD:
+                self.routed = True
+                self.front.page(self, 431, "Request Header Fields Too Large", "the request head is too large")
+            return
+        self.routed = True
+        self.front.route(self, self.head)
+
+
+class _FrontFactory(Factory):
+    noisy = False
+
+    def __init__(self, context, front: "HttpFront"):
+        self.context = context
+        self.front = front
+
+    def buildProtocol(self, addr) -> _FrontEnd:
+        end = Relay(f"http front ({addr.host}:{addr.port})", plain_end=_FrontEnd).plain
+        end.front = self
+        return end
+
+    def route(self, end: _FrontEnd, head: bytes) -> None:
+        parser = h11.Connection(h11.SERVER)
+        parser.receive_data(head)
+        try:
+            request = parser.next_event()
+        except h11.RemoteProtocolError as e:
+            self.page(end, 400, "Bad Request", f"malai could not read this request: {e}")
+            return
+        host = dict(request.headers).get(b"host", b"").decode("ascii", "replace")
+        remote, why = resolve_host(self.context, host)
+        if remote is None:
+            self.page(end, 404, "Not Found", why, listing=True)
+            return
+        relay = end.relay
+        relay.label = f"http {host} → {remote}"
+        relay.plain_connected()  # paused until the stream is open
+        relay.from_plain(head)
+        d = open_stream(self.context, remote, "http", relay.link)
+        d.addErrback(self._failed, end, remote)
+
+    def _failed(self, failure: Failure, end: _FrontEnd, remote: ServiceAddress) -> None:
+        error = failure.value
+        if isinstance(error, StreamDenied):
+            self.page(end, 403, "Forbidden", str(error))
+        else:
+            why = str(error) if isinstance(error, MalaiError) else f"{type(error).__name__}: {error}"
+            self.page(end, 502, "Bad Gateway", f"cannot reach {remote.machine}.{remote.cluster}: {why}")
+
+    def page(self, end: _FrontEnd, status: int, title: str, why: str, listing: bool = False) -> None:
+        """Answer with an explanation (and, for a 404, what this device may reach), then close."""
+        items = ""
+        if listing:
+            port = self.front.port_number()
+            links = [f'<li><a href="{html.escape(u)}">{html.escape(u)}</a></li>' for u in self._urls(port)]
+            items = ("<p>HTTP services this device may reach:</p><ul>" + "".join(links) + "</ul>" if links
+                     else "<p>This device may reach no HTTP service.</p>")
+        body = (f"<!doctype html><title>{status} {title}</title><h1>{status} {title}</h1>"
+                f"<p>malai: {html.escape(why)}</p>{items}\n").encode()
+        head = (f"HTTP/1.1 {status} {title}\r\ncontent-type: text/html; charset=utf-8\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        end.relay.refuse(head + body, f"{status} {why}")
+
+    def _urls(self, port: int) -> List[str]:
+        urls = []
+        for alias, svc in sorted(self.context.clusters.items()):
+            pairs = svc.http_services()
+            for machine, service in pairs:
+                unique = sum(1 for _, s in pairs if s == service) == 1
+                name = f"{service}.{alias}" if unique else f"{service}.{machine}.{alias}"
+                urls.append(f"http://{name}.localhost:{port}/")
+        return urls
+
+
+class HttpFront(ListeningService):
+    """``[http] listen`` of ``malai.toml``."""
+
+    def __init__(self, context, listen: str):
+        from malai.services.forwarding import listen_endpoint
+
+        super().__init__(context.reactor, listen_endpoint(listen), _FrontFactory(context, self))
+        self.listen = listen
+        self.setName("http")
+
+    def port_number(self) -> int:
+        return self.port.getHost().port if self.port is not None else int(self.listen.rsplit(":", 1)[1])
+
+    def urls(self) -> List[str]:
+        return self.factory._urls(self.port_number())
