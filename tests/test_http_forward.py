@@ -126,7 +126,7 @@ class HttpForwardTests(TestCase):
         conn = http.client.HTTPConnection("127.0.0.1", self.front["laptop"], timeout=30)
         host = f"admin.company.localhost:{self.front['laptop']}"
         socks = set()
-        for i in range(1000):
+        for _ in range(1000):
             conn.request("GET", "/bytes/100", headers={"Host": host})
             response = conn.getresponse()
             self.assertEqual((response.status, len(response.read())), (200, 100))
