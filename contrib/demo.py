@@ -115,6 +115,18 @@ def run(root: Path, cm: Path, web: Path, laptop: Path, started: list) -> None:
         body = fetch(f"http://127.0.0.1:{local}/index.html")
         print(f"$ curl http://127.0.0.1:{local}/index.html\n  {body.strip()}")
         malai(laptop, "service", "list")
+
+        step("The same server as an HTTP service: laptop's HTTP front reaches it by name")
+        with open(config, "a") as f:
+            f.write(f'\n[machine.web01.http.site]\nport = {upstream}\nallow_from = "laptop"\n')
+        print(f"  appended [machine.web01.http.site] (port {upstream}) to {config}")
+        malai(cm, "rescan")
+        front = free_port()
+        malai(laptop, "service", "add", "http", f"127.0.0.1:{front}")
+        url = f"http://site.company.localhost:{front}/index.html"
+        body = fetch(f"http://127.0.0.1:{front}/index.html", host=f"site.company.localhost:{front}")
+        print(f"$ curl {url}\n  {body.strip()}")
+        malai(laptop, "open", "site.company", "--print-only")
     finally:
         server.terminate()
 
@@ -131,14 +143,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fetch(url: str, attempts: int = 50) -> str:
-    """GET ``url``, retrying while web01 takes its new config."""
+def fetch(url: str, host: str = "", attempts: int = 50) -> str:
+    """GET ``url`` (with ``host`` as its Host), retrying while web01 takes its new config."""
     import time
     import urllib.request
 
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
     for _ in range(attempts):
         try:
-            with urllib.request.urlopen(url, timeout=10) as r:
+            with urllib.request.urlopen(request, timeout=10) as r:
                 return r.read().decode()
         except OSError:
             time.sleep(0.1)

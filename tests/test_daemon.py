@@ -128,7 +128,7 @@ class LifecycleTests(TestCase):
         self.assertEqual(home.malai("stop").returncode, 0)
         self.assertEqual(proc.wait(30), 0)
         out = proc.stdout.read()
-        self.assertIn("cluster company: added", out)
+        self.assertIn("company: added", out)
         self.assertIn("ready", out)
         self.assertFalse((home.root / "log" / "malai.log").exists())
 

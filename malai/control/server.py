@@ -3,7 +3,6 @@
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols import amp
 
 from malai.control.commands import (
     ControlFailed,
@@ -19,11 +18,12 @@ from malai.control.commands import (
 )
 from malai.errors import MalaiError
 from malai.peer.ping import ping
+from malai.peer.protocol import QuietAMP
 
 __all__ = ["ControlFactory", "ControlProtocol"]
 
 
-class ControlProtocol(amp.AMP):
+class ControlProtocol(QuietAMP):
     log = Logger()
 
     def __init__(self, root):

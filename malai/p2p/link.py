@@ -24,7 +24,8 @@ from malai.errors import MalaiError
 from malai.identity import Identity
 from malai.p2p.tls import PeerTLS, peer_id52_of
 
-__all__ = ["HandshakeFailed", "PeerAddress", "WrongPeer", "connect_verified", "server_factory"]
+__all__ = [
+    "HandshakeFailed", "PeerAddress", "WrongPeer", "connect_verified", "no_delay", "server_factory"]
 
 
 class HandshakeFailed(MalaiError):
@@ -49,9 +50,21 @@ class PeerAddress:
 Router = Callable[[PeerAddress], Optional[Protocol]]
 
 
+def no_delay(transport) -> None:
+    """Turn Nagle's algorithm off: a small write (an answer, a frame) leaves at once
+    instead of waiting out the peer's delayed ACK (40 ms)."""
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass  # not TCP (a UNIX socket, an in-memory test transport)
+
+
 @implementer(IHandshakeListener)
 class _Gate(Protocol):
     log = Logger()
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
 
     def __init__(self, build: Router, local: Optional[str], hint: Optional[str], done: Optional[Deferred]):
         self._build = build

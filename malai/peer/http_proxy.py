@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from malai import frames
 from malai.audit import AuditLog
 from malai.config.models import HttpService
+from malai.p2p.link import no_delay
 from malai.peer.http_headers import Caller, request_headers, response_headers
 from malai.peer.upstream import CONNECT_TIMEOUT, connect_quietly
 
@@ -39,6 +40,9 @@ class Upstream(Protocol):
         self.h11 = h11.Connection(h11.CLIENT)
         self.session: Optional["HttpSession"] = None
         self.idle_timer = None
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.session is None:

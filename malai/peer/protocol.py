@@ -13,7 +13,7 @@ import malai
 from malai.p2p.link import PeerAddress
 from malai.peer.commands import PROTOCOL_VERSION, Hello, IncompatibleVersion, Ping
 
-__all__ = ["HelloInfo", "PeerAMP", "PeerAMPFactory"]
+__all__ = ["HelloInfo", "PeerAMP", "PeerAMPFactory", "QuietAMP"]
 
 
 @attrs.frozen
@@ -26,7 +26,19 @@ class HelloInfo:
     addrs: tuple = ()
 
 
-class PeerAMP(amp.AMP, TimeoutMixin):
+class QuietAMP(amp.AMP):
+    """AMP without its two log lines per connection (a forward opens a link per
+    connection; every CLI command opens a control connection)."""
+
+    def makeConnection(self, transport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class PeerAMP(QuietAMP, TimeoutMixin):
     """One peer link. ``ready`` fires with the peer's Hello once both sides agree.
 
     Commands other than ``Hello`` and ``Ping`` go to ``responder``, a
@@ -72,16 +84,11 @@ class PeerAMP(amp.AMP, TimeoutMixin):
             self.ready.errback(reason)
         self.transport.loseConnection()
 
-    def makeConnection(self, transport) -> None:
-        """As AMP's, without its log line per connection (a forward opens one link a connection)."""
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
-
     def connectionLost(self, reason) -> None:
         self.setTimeout(None)
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
-        amp.BinaryBoxProtocol.connectionLost(self, reason)  # not AMP's: no log line
-        self.transport = None
+        super().connectionLost(reason)
         if self.dialer and not self.ready.called:  # an accepted link that never said Hello: nobody waits
             self.ready.errback(reason)
         self.closed.callback(self)

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from malai import frames
+from malai.p2p.link import no_delay
 
 __all__ = ["Relay"]
 
@@ -46,6 +47,7 @@ class Relay:
 
     # -- joining --------------------------------------------------------------
     def plain_connected(self) -> None:
+        no_delay(self.plain.transport)
         if not self.link.connected:
             self.plain.transport.pauseProducing()  # nowhere to send it yet
         if self.on_plain_connected is not None:
