@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from malai.atomic import write_atomic
 from malai.cli.common import home_of, print_json, run_twisted
@@ -116,8 +116,8 @@ class _Remote:
     def __init__(self, home, alias: str):
         self.home = home
         self.alias = alias
-        self.context = None
-        self.link = None
+        self.context: Any = None
+        self.link: Any = None
 
     async def open(self, reactor) -> None:
         from malai.cli.direct import DirectContext

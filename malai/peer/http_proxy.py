@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import h11
 from twisted.internet.defer import succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
@@ -84,7 +85,8 @@ class UpstreamPool:
             if upstream.connected:
                 upstream.idle_timer.cancel()
                 return succeed(upstream)
-        endpoint = HostnameEndpoint(self.reactor, service.host, service.port, timeout=CONNECT_TIMEOUT)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, service.host, service.port,
+                                                           timeout=CONNECT_TIMEOUT)
         if service.secure:
             # TLS to an upstream on this machine: encryption, no authentication (see docs/http.md)
             endpoint = wrapClientTLS(CertificateOptions(), endpoint)

@@ -84,7 +84,7 @@ class Relay:
         else:
             self._pending.append(frame)
 
-    def plain_lost(self, reason: Failure) -> None:
+    def plain_lost(self, reason: Optional[Failure]) -> None:
         if self.link.connected:
             self.link.transport.unregisterProducer()
             if not self._finished():
@@ -115,7 +115,7 @@ class Relay:
         else:
             self.fail(f"unexpected frame {kind!r} on a relayed stream")
 
-    def link_lost(self, reason: Failure) -> None:
+    def link_lost(self, reason: Optional[Failure]) -> None:
         if self.plain.connected:
             self.plain.transport.unregisterProducer()
             if self._eof_received:  # the far side ended its half: what it sent is delivered, then close
@@ -159,7 +159,7 @@ class Relay:
         self.done.callback(self._reason)
 
 
-def _describe(reason: Failure, default: str) -> str:
+def _describe(reason: Optional[Failure], default: str) -> str:
     if reason is None or reason.check(ConnectionDone):
         return default
     return reason.getErrorMessage() or default
@@ -184,7 +184,7 @@ class PlainEnd(Protocol):
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.connected = False
         self.relay.plain_lost(reason)
 
@@ -206,6 +206,6 @@ class LinkEnd(Protocol):
         except ValueError as e:
             self.relay.fail(f"bad relay frame: {e}")
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.connected = False
         self.relay.link_lost(reason)
