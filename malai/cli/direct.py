@@ -17,6 +17,7 @@ from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.tls import PeerTLS
 from malai.peer.links import LinkPool, SpareLinks
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
+from malai.peer.relaying import relay_endpoint
 from malai.services.cluster import ClusterService
 
 
@@ -30,6 +31,7 @@ class DirectContext:
         self.tls = PeerTLS()
         self.book = AddressBook()
         self.dialer = Dialer(reactor, self.tls, self.book)
+        self.dialer.kinds["relay"] = relay_endpoint(self.dialer, lambda: self.hello)
         self.pool = LinkPool(self.dialer, PeerAMPFactory(self.hello, dialer=True))
         self.streams = SpareLinks(self.dialer, PeerAMPFactory(self.hello, dialer=True, idle_timeout=60,
                                                               clock=reactor), spares)

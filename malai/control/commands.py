@@ -54,6 +54,9 @@ class Status(amp.Command):
         ])),
         (b"http", amp.Unicode(optional=True)),  # where the HTTP front listens
         (b"http_urls", amp.ListOf(amp.Unicode())),
+        (b"relay_active", amp.Integer()),  # streams this daemon relays for others (a manager)
+        (b"relay_total", amp.Integer()),
+        (b"relay_bytes", amp.Integer()),
     ]
 
 

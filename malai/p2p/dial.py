@@ -6,7 +6,7 @@ another, ``stagger`` seconds apart, keeps the first verified link and cancels
 the rest; a wrong key ends the race at once.
 """
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -20,16 +20,25 @@ from malai.identity import Identity
 from malai.p2p.link import WrongPeer, connect_verified
 from malai.p2p.tls import PeerTLS
 
-__all__ = ["AddressBook", "DialError", "Dialer", "advertised_hint", "hint_endpoint", "normalize_hint"]
+__all__ = ["AddressBook", "DialError", "Dialer", "HINT_KINDS", "advertised_hint", "hint_endpoint", "hint_kind",
+           "normalize_hint"]
 
 
 class DialError(MalaiError):
     """No link could be made to a peer."""
 
 
+#: Kinds of connection hint; other text before a colon is a host (``HOST:PORT``).
+HINT_KINDS = ("tcp", "relay", "tor")
+
+
 def normalize_hint(hint: str) -> str:
     """``HOST:PORT`` is short for ``tcp:HOST:PORT``."""
-    return hint if hint.split(":", 1)[0] in ("tcp",) else f"tcp:{hint}"
+    return hint if hint.split(":", 1)[0] in HINT_KINDS else f"tcp:{hint}"
+
+
+def hint_kind(hint: str) -> str:
+    return normalize_hint(hint).split(":", 1)[0]
 
 
 def advertised_hint(listen: str, observed_host: str) -> str:
@@ -84,17 +93,34 @@ class Dialer:
                  endpoint_for=hint_endpoint):
         self.reactor = reactor
         self.endpoint_for = endpoint_for
+        #: How to reach a peer through a hint of another kind: ``kind -> f(local, peer, hint) -> endpoint``
+        #: (the peer layer adds ``relay``).
+        self.kinds: Dict[str, Callable[[Identity, str, str], IStreamClientEndpoint]] = {}
         self.tls = tls
         self.book = book
         self.stagger = stagger
         self.timeout = timeout
+
+    def endpoint(self, local: Identity, peer: str, hint: str) -> IStreamClientEndpoint:
+        kind = hint_kind(hint)
+        if kind in self.kinds:
+            return self.kinds[kind](local, peer, hint)
+        if kind != "tcp":
+            raise DialError(f"this daemon cannot use {kind} hints")
+        return self.endpoint_for(self.reactor, hint, self.timeout)
+
+    def direct_hints(self, peer: str) -> List[str]:
+        """The hints for ``peer`` that reach it without a relay."""
+        return [h for h in self.book.hints(peer) if hint_kind(h) != "relay"]
 
     def connect(self, local: Identity, peer: str, factory: Factory, hints: Optional[Iterable[str]] = None) -> Deferred:
         """Fire with ``factory``'s protocol on a verified link to ``peer``."""
         hints = list(hints) if hints is not None else self.book.hints(peer)
         if not hints:
             return _fail(DialError(f"no known address for {peer}: add addrs to the config or pass --addr"))
-        race = _Race(self, local, peer, factory, [normalize_hint(h) for h in hints])
+        hints = [normalize_hint(h) for h in hints]
+        hints.sort(key=lambda h: hint_kind(h) == "relay")  # direct first; a relay when they fail or stall
+        race = _Race(self, local, peer, factory, hints)
         return race.start()
 
 
@@ -131,7 +157,7 @@ class _Race:
             return
         hint = self.pending.pop(0)
         try:
-            endpoint = self.dialer.endpoint_for(self.dialer.reactor, hint, self.dialer.timeout)
+            endpoint = self.dialer.endpoint(self.local, self.peer, hint)
         except DialError as e:
             self.errors[hint] = str(e)
             self._launch()

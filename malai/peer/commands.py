@@ -8,7 +8,8 @@ from twisted.protocols import amp
 
 __all__ = [
     "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "ExecFailed", "GetConfig", "Hello", "IncompatibleVersion",
-    "NotAllowed", "OpenExec", "OpenStream", "Ping", "PushConfig", "PutConfig", "StaleBase", "UpstreamFailed",
+    "NotAllowed", "OpenExec", "OpenStream", "Ping", "PushConfig", "PutConfig", "RelayAttach", "RelayOpen",
+    "RelayRefused", "RelayRequest", "StaleBase", "UpstreamFailed",
 ]
 
 #: Bumped on any incompatible change to the commands below.
@@ -33,6 +34,10 @@ class ExecFailed(Exception):
 
 class UpstreamFailed(Exception):
     """An allowed service whose upstream could not be reached; the message says why."""
+
+
+class RelayRefused(Exception):
+    """A relay that will not or cannot carry a stream; the message says why."""
 
 
 class StaleBase(Exception):
@@ -141,3 +146,29 @@ class OpenStream(amp.ProtocolSwitchCommand):
     arguments = [(b"kind", amp.Unicode()), (b"service", amp.Unicode())]
     response: list = []
     errors = {NotAllowed: b"NOT_ALLOWED", UpstreamFailed: b"UPSTREAM_FAILED"}
+
+
+class RelayOpen(amp.ProtocolSwitchCommand):
+    """Caller → relay: splice this link to ``target``, which keeps a link to the relay.
+    After the answer the link carries the caller's own TLS session with the target."""
+
+    arguments = [(b"target", amp.Unicode())]
+    response: list = []
+    errors = {RelayRefused: b"RELAY_REFUSED"}
+
+
+class RelayRequest(amp.Command):
+    """Relay → machine, over the link the machine keeps: dial back and attach ``token``."""
+
+    arguments = [(b"token", amp.Unicode())]
+    response: list = []
+    errors = {RelayRefused: b"RELAY_REFUSED"}
+
+
+class RelayAttach(amp.ProtocolSwitchCommand):
+    """Machine → relay, on a fresh link: this link is the far end of ``token``'s splice;
+    after the answer it carries a caller's TLS session, which the machine accepts."""
+
+    arguments = [(b"token", amp.Unicode())]
+    response: list = []
+    errors = {RelayRefused: b"RELAY_REFUSED"}

@@ -71,6 +71,11 @@ class LinkPool:
         if self._links.get(key) is link:
             del self._links[key]
 
+    def current(self, local: str, peer: str) -> Optional[PeerAMP]:
+        """The open link between ``local`` and ``peer``, without dialing."""
+        link = self._links.get((local, peer))
+        return link if link is not None and link.innerProtocol is None else None
+
     def links(self) -> List[PeerAMP]:
         return list(self._links.values())
 

@@ -21,6 +21,9 @@ from malai.peer.commands import (
     OpenStream,
     PushConfig,
     PutConfig,
+    RelayAttach,
+    RelayOpen,
+    RelayRequest,
     StaleBase,
 )
 from malai.peer.execution import ExecSession, caller_name, prepare
@@ -111,6 +114,19 @@ class ClusterResponder(amp.CommandLocator):
         who = Caller(caller, name, config.manager.cluster_name, getattr(self.peer.address, "host", ""))
         return HttpSession(cluster.daemon.reactor, target, who, cluster.daemon.http_upstreams, cluster.audit,
                            str(decision))
+
+    @RelayOpen.responder
+    def relay_open(self, target):
+        return self.cluster.relay_open(self.peer.peer, target)
+
+    @RelayAttach.responder
+    def relay_attach(self, token):
+        return self.cluster.relayer().attach(token, self.peer.peer)
+
+    @RelayRequest.responder
+    def relay_request(self, token):
+        self.cluster.relay_request(self.peer.peer, token)
+        return {}
 
     @ConfigHistory.responder
     def history(self):

@@ -1,6 +1,6 @@
 """``Splice``: join two connections byte for byte, each the other's producer."""
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from twisted.internet.protocol import Factory, Protocol
 
@@ -14,6 +14,8 @@ class Splice(Protocol):
         self.other: Optional["Splice"] = None
         self._waiting: List[bytes] = []
         self._closed = False
+        self.carried = 0  # bytes received on this end
+        self.on_close: Optional[Callable[["Splice"], None]] = None
 
     def connectionMade(self) -> None:
         other = self.other
@@ -30,6 +32,7 @@ class Splice(Protocol):
         other.transport.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
+        self.carried += len(data)
         if self.other is not None and self.other.transport is not None:
             self.other.transport.write(data)
         else:
@@ -37,6 +40,8 @@ class Splice(Protocol):
 
     def connectionLost(self, reason=None) -> None:
         self._closed = True
+        if self.on_close is not None:
+            self.on_close(self)
         other = self.other
         if other is not None and other.transport is not None and not other._closed:
             other.transport.unregisterProducer()

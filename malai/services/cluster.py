@@ -13,6 +13,8 @@ from malai.errors import MalaiError
 from malai.home import MANAGER, ClusterEntry
 from malai.identity import ID52Error, Identity, parse_id52
 from malai.p2p.link import PeerAddress
+from malai.peer.commands import RelayRefused
+from malai.peer.relaying import Relayer, attach
 from malai.peer.responders import ClusterResponder
 from malai.services.agent import MachineAgent
 from malai.services.publisher import ConfigPublisher
@@ -89,6 +91,36 @@ class ClusterService(MultiService):
                             f"this device does not manage {self.name}; ask its cluster manager")
         return Acl.for_cluster(self.entry.cluster).can_edit_config(self.entry.cluster.manager.config_editors, peer)
 
+    # -- relaying (see malai.peer.relaying) -------------------------------------
+    def relayer(self) -> Relayer:
+        if self.entry.cluster is None:
+            raise RelayRefused(f"this device does not relay for {self.name}: its cluster manager does")
+        return self.daemon.relayer
+
+    def relay_open(self, caller: str, target: str):
+        relayer = self.relayer()
+        machine = self.entry.cluster.machine_by_id52(target)
+        if machine is None:
+            raise RelayRefused(f"{target} is not a machine of {self.name}")
+        link = self.daemon.pool.current(self.identity.id52, target)
+        if link is None:
+            raise RelayRefused(f"{machine.name} keeps no link to this relay (is its daemon running?)")
+        return relayer.open(link, caller, target)
+
+    def relay_request(self, relay: str, token: str) -> None:
+        """Our manager relays a caller to us: dial it back for that stream."""
+        if relay != self.manager_id52():
+            raise RelayRefused("only this cluster's manager may ask us to attach to it")
+        d = attach(self.daemon.dialer, self.daemon.hello, self.identity, relay, token, self.daemon.accept)
+        d.addErrback(lambda f: self.log.warn("{cluster}: cannot attach to the relay: {why}", cluster=self.name,
+                                             why=f.getErrorMessage()))
+
+    def manager_id52(self) -> Optional[str]:
+        e = self.entry
+        if e.machine is not None:
+            return e.machine.manager.id52
+        return e.info.manager_id52 if e.info is not None else None
+
     # -- who this cluster talks to -------------------------------------------
     def peers(self) -> FrozenSet[str]:
         """Every ID52 this cluster accepts links from."""
@@ -123,8 +155,9 @@ class ClusterService(MultiService):
         if e.info is not None:
             out[e.info.manager_id52] = list(e.info.addrs)
         if e.machine is not None:
+            relay = f"relay:{e.machine.manager.id52}"  # the manager relays to machines nobody can dial
             for d in e.machine.directory.values():
-                out[d.id52] = list(d.addrs)
+                out[d.id52] = [*d.addrs, relay]
         return out
 
     def resolve(self, name: str) -> Optional[str]:

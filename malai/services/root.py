@@ -22,6 +22,7 @@ from malai.p2p.tls import PeerTLS
 from malai.peer.http_proxy import UpstreamPool
 from malai.peer.links import LinkPool, SpareLinks
 from malai.peer.protocol import HelloInfo, PeerAMP, PeerAMPFactory
+from malai.peer.relaying import Relayer, relay_endpoint
 from malai.services.cluster import ClusterService
 from malai.services.forwarding import Forwards
 from malai.services.listening import ListeningService
@@ -55,10 +56,13 @@ class MalaiService(MultiService):
         self._accepted = PeerAMPFactory(self.hello, dialer=False, responder=self._responder,
                                         idle_timeout=IDLE_TIMEOUT, clock=reactor)
         self.http_upstreams = UpstreamPool(reactor)
+        self.relayer = Relayer(reactor)
+        self.dialer.kinds["relay"] = relay_endpoint(self.dialer, lambda: self.hello)
+        self.accept = server_factory(self.tls, self._route)  # peer links, direct or arriving through a relay
         self.clusters: Dict[str, ClusterService] = {}
         self.listeners: List[ListeningService] = []
         for description in listen:
-            svc = ListeningService(reactor, description, server_factory(self.tls, self._route))
+            svc = ListeningService(reactor, description, self.accept)
             svc.setServiceParent(self)
             self.listeners.append(svc)
         from malai.control.server import ControlFactory
@@ -252,6 +256,7 @@ class MalaiService(MultiService):
         return {"pid": os.getpid(), "version": malai.__version__, "uptime": time.time() - self.started_at,
                 "listen": self.addresses(), "clusters": clusters, "forwards": self.forwards.summary(),
                 "http_urls": self.forwards.http.urls() if self.forwards.http else [],
+                **{f"relay_{k}": v for k, v in self.relayer.summary().items()},
                 **({"http": self.forwards.http.address()} if self.forwards.http else {})}
 
     def cluster(self, alias: str) -> ClusterService:

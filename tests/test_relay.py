@@ -1,0 +1,210 @@
+"""Relaying: a machine nobody can dial is reached through its cluster manager.
+
+The end-to-end test runs real daemons in two network namespaces of its own:
+the manager and the laptop in one, web01 in the other, listening only on its
+own loopback. Nothing leaves the machine. The in-process test checks that the
+relay carries only ciphertext."""
+
+import os
+import shutil
+import subprocess
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.trial.unittest import TestCase
+
+from malai.identity import Identity
+from malai.p2p.dial import AddressBook, Dialer
+from malai.p2p.link import connect_verified, server_factory
+from malai.p2p.tls import PeerTLS
+from malai.peer import splice
+from malai.peer.commands import RelayAttach, RelayOpen, RelayRequest
+from malai.peer.protocol import HelloInfo, PeerAMPFactory
+from malai.peer.relaying import Relayer, attach, relay_endpoint
+from tests.helpers import MALAI, DaemonHome, wait_for
+
+MARKER = b"plaintext-marker-7f3a9c"
+
+
+class NetNS:
+    """A network namespace of the test's own, with its loopback up."""
+
+    def __init__(self, testcase, name: str):
+        self.name = name
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        testcase.addCleanup(subprocess.run, ["ip", "netns", "del", name])
+        self.run("ip", "link", "set", "lo", "up")
+
+    def run(self, *argv: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.name, *argv], check=True, capture_output=True,
+                              text=True, **kw)
+
+    def start(self, home: DaemonHome, listen: str) -> None:
+        """``malai daemon`` for ``home`` inside this namespace."""
+        r = subprocess.run(["ip", "netns", "exec", self.name, MALAI, "daemon", "--listen", listen],
+                           env=dict(os.environ, MALAI_HOME=str(home.root)), capture_output=True, text=True)
+        if r.returncode:
+            raise AssertionError(f"daemon in {self.name}: {r.stderr}")
+
+
+class RelayEndToEnd(TestCase):
+    def setUp(self):
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            self.skipTest("needs root and iproute2 for network namespaces")
+
+    def test_machine_without_inbound_path(self):
+        tag = str(os.getpid())
+        hub, lan = NetNS(self, f"mhub{tag}"), NetNS(self, f"mlan{tag}")
+        a, b = f"mva{tag}", f"mvb{tag}"
+        subprocess.run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], check=True)
+        subprocess.run(["ip", "link", "set", a, "netns", hub.name], check=True)
+        subprocess.run(["ip", "link", "set", b, "netns", lan.name], check=True)
+        hub.run("ip", "addr", "add", "10.201.0.1/24", "dev", a)
+        hub.run("ip", "link", "set", a, "up")
+        lan.run("ip", "addr", "add", "10.201.0.2/24", "dev", b)
+        lan.run("ip", "link", "set", b, "up")
+
+        cm, web, laptop = DaemonHome(self), DaemonHome(self), DaemonHome(self)
+        cm_id52 = cm.ok("cluster", "init", "company").split("manager ID52: ")[1].split()[0]
+        hub.start(cm, "tcp:7420:interface=10.201.0.1")
+        ids = {}
+        for home, name in ((web, "web01"), (laptop, "laptop")):
+            out = home.ok("machine", "init", cm_id52, "company", "--addr", "10.201.0.1:7420", "--name", name)
+            ids[name] = out.split("machine ID52: ")[1].split()[0]
+        redis = None
+        if shutil.which("redis-server"):
+            redis = subprocess.Popen(["ip", "netns", "exec", lan.name, "redis-server", "--port", "6379", "--bind",
+                                      "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(web.root)],
+                                     stdout=subprocess.DEVNULL)
+            self.addCleanup(redis.kill)
+        config = cm.root / "clusters" / "company" / "cluster.toml"
+        config.write_text(config.read_text() + (
+            f'\n[machine.web01]\nid52 = "{ids["web01"]}"\nallow_from = "laptop"\n'
+            '\n[machine.web01.tcp.redis]\nport = 6379\nallow_from = "laptop"\n'
+            f'\n[machine.laptop]\nid52 = "{ids["laptop"]}"\n'))
+        cm.ok("rescan")
+        lan.start(web, "tcp:7420:interface=127.0.0.1")  # reachable from nowhere but its own namespace
+        hub.start(laptop, "tcp:7421:interface=127.0.0.1")
+
+        def in_sync():
+            sync = cm.status()["clusters"][0]["sync"]
+            return len(sync) == 2 and all(m["sync"] == "in sync" for m in sync)
+
+        wait_for(in_sync, 30, "both machines to take their config")
+        r = laptop.malai("web01.company", "sh", "-c", f"echo {MARKER.decode()}; hostname -I; exit 7")
+        self.assertEqual(r.returncode, 7, r.stderr)
+        self.assertEqual(r.stdout.split(), [MARKER.decode(), "10.201.0.2"])
+        out = laptop.ok("ping", "web01.company")
+        self.assertIn(f"via relay:{cm_id52}", out)
+        if redis is not None:
+            laptop.ok("service", "add", "tcp", "redis", "127.0.0.1:6390", "redis.web01.company")
+            self.assertEqual(hub.run("redis-cli", "-p", "6390", "SET", "k", MARKER.decode()).stdout.strip(), "OK")
+            self.assertEqual(hub.run("redis-cli", "-p", "6390", "GET", "k").stdout.strip(), MARKER.decode())
+        status = cm.status()
+        self.assertGreaterEqual(status["relay_total"], 2 if redis is not None else 1)
+        self.assertGreater(status["relay_bytes"], 0)
+
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self):
+        self.got = b""
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.got += data
+        if len(self.got) >= len(MARKER) * 100 and not self.done.called:
+            self.done.callback(self.got)
+
+
+class RelayCarriesCiphertext(TestCase):
+    """Caller, relay and target in this process, over real TLS on loopback."""
+
+    @defer.inlineCallbacks
+    def test_relay_never_holds_the_plaintext(self):
+        from twisted.protocols import amp
+
+        caller, relay, target = (Identity.generate() for _ in range(3))
+        hello = HelloInfo()
+        relayer = Relayer(reactor)
+        target_links = {}
+        carried = []
+        original = splice.Splice.dataReceived
+
+        def recording(self, data):
+            carried.append(data)
+            return original(self, data)
+
+        self.patch(splice.Splice, "dataReceived", recording)
+
+        class RelaySide(amp.CommandLocator):
+            def __init__(self, peer):
+                self.peer = peer
+
+            @RelayOpen.responder
+            def open(self, target):
+                return relayer.open(target_links[target], self.peer.peer, target)
+
+            @RelayAttach.responder
+            def attach_(self, token):
+                return relayer.attach(token, self.peer.peer)
+
+        relay_tls = PeerTLS([relay])
+        relay_amp = PeerAMPFactory(hello, dialer=False, responder=RelaySide)
+        accepted = []
+
+        def route(addr):
+            link = relay_amp.buildProtocol(addr)
+            accepted.append(link)
+            return link
+
+        port = reactor.listenTCP(0, server_factory(relay_tls, route), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        relay_hint = f"tcp:127.0.0.1:{port.getHost().port}"
+
+        # the target: keeps a link to the relay; accepts relayed TLS with an echo protocol
+        target_tls, target_book = PeerTLS([target]), AddressBook()
+        target_book.configure(relay.id52, [relay_hint])
+        target_dialer = Dialer(reactor, target_tls, target_book)
+        accept = server_factory(target_tls, lambda addr: _Echo())
+
+        class TargetSide(amp.CommandLocator):
+            def __init__(self, peer):
+                self.peer = peer
+
+            @RelayRequest.responder
+            def request(self, token):
+                attach(target_dialer, hello, target, relay.id52, token, accept)
+                return {}
+
+        kept = yield target_dialer.connect(target, relay.id52, PeerAMPFactory(hello, dialer=True,
+                                                                            responder=TargetSide))
+        yield kept.ready
+        [relay_side] = accepted  # the relay's side of the kept link
+        yield relay_side.ready
+        target_links[target.id52] = relay_side
+
+        caller_tls, caller_book = PeerTLS([caller]), AddressBook()
+        caller_book.configure(relay.id52, [relay_hint])
+        caller_dialer = Dialer(reactor, caller_tls, caller_book)
+        caller_dialer.kinds["relay"] = relay_endpoint(caller_dialer, lambda: hello)
+        endpoint = caller_dialer.endpoint(caller, target.id52, f"relay:{relay.id52}")
+        collect = protocol.Factory.forProtocol(_Collect)
+        proto = yield connect_verified(caller_tls, caller, target.id52, endpoint, collect)
+        proto.transport.write(MARKER * 100)
+        echoed = yield proto.done
+        proto.transport.loseConnection()
+        self.assertEqual(echoed, MARKER * 100)
+        through = b"".join(carried)
+        self.assertGreater(len(through), len(MARKER) * 200)  # both directions passed the relay's splice…
+        self.assertNotIn(MARKER, through)  # …as ciphertext only
+        self.assertEqual(relayer.total, 1)
+        for link in accepted:  # the relay's side of every link: closing it closes the far ends
+            link.transport.abortConnection()
+        yield defer.DeferredList([link.closed for link in accepted] + [kept.closed])
+        yield task.deferLater(reactor, 0.1, lambda: None)
+
+
