@@ -146,12 +146,18 @@ def _print_status(state: dict) -> None:
         machines = f", {c['machines']} machines" if c["role"] == "manager" else ""
         print(f"  {c['cluster']:<16} {c['role']:<8} {c['id52']}{machines}, config version "
               f"{c['config_version']}, {c['links']} links{waiting}")
+        for link in c.get("peer_links", []):
+            print(f"    link to {link['peer']}: {link['path']}")
         for m in c["sync"]:
             seen = f"last seen {_duration(time.time() - m['last_seen'])} ago" if m["last_seen"] else "never seen"
             error = f": {m['error']}" if m["error"] and m["sync"] != "in sync" else ""
             print(f"    {m['machine']:<16} version {m['version']:<4} {m['sync']}{error}, {seen}")
     for f in state.get("forwards", []):
         print(f"  tcp.{f['name']:<12} {f['local']} → {f['remote']}, {f['active']} open, {f['total']} since start")
+    if state.get("tor", "off") != "off":
+        print(f"  tor {state['tor']}: {', '.join(state['onions']) or 'no onion service up yet'}")
+    if state.get("relay_total"):
+        print(f"  relayed {state['relay_total']} streams ({state['relay_active']} open), {state['relay_bytes']} bytes")
     if state.get("http"):
         print(f"  http front on {state['http']}: {', '.join(state['http_urls']) or 'no services to reach'}")
 

@@ -2,7 +2,7 @@
 
 from typing import Dict, Optional
 
-from malai.config.models import DeviceConfig, TcpForward
+from malai.config.models import DeviceConfig, TcpForward, TorSettings
 from malai.config.reader import Source, check_addr, check_name
 
 __all__ = ["RESERVED_NAMES", "parse_device", "check_target", "check_remote"]
@@ -73,6 +73,20 @@ def parse_device(text: str, file: str = "malai.toml") -> DeviceConfig:
     if dt is not None:
         listen = dt.strings("listen", check=lambda v: None if v.strip() else "an endpoint must not be empty")
         dt.done()
+    tor = None
+    tt = root.table("tor")
+    if tt is not None:
+        mode = tt.string("mode", check=lambda v: None if v in ("off", "launch") else
+                         f"{v!r} is not a Tor mode: \"off\" or \"launch\" (or set control = ENDPOINT instead)")
+        control = tt.string("control", check=lambda v: None if v.strip() else "an endpoint must not be empty")
+        if mode == "launch" and control:
+            source.problem(tt.path + ("control",), "mode = \"launch\" starts a Tor of its own: drop control, "
+                                                   "or drop mode to use the Tor at control")
+        elif control:
+            tor = TorSettings("control", control)
+        elif mode == "launch":
+            tor = TorSettings("launch")
+        tt.done()
     root.done()
     source.raise_problems()
-    return DeviceConfig(aliases, tcp, http_listen, listen)
+    return DeviceConfig(aliases, tcp, http_listen, listen, tor)

@@ -6,7 +6,7 @@ import attrs
 
 __all__ = [
     "ClusterConfig", "ClusterInfo", "ClusterManager", "Command", "DeviceConfig", "DirectoryEntry",
-    "HttpService", "Machine", "MachineConfig", "TcpForward", "TcpService",
+    "HttpService", "Machine", "MachineConfig", "TcpForward", "TcpService", "TorSettings",
 ]
 
 
@@ -134,6 +134,14 @@ class TcpForward:
 
 
 @attrs.frozen
+class TorSettings:
+    """``[tor]`` in ``malai.toml``: launch a Tor of our own, or use one at ``control``."""
+
+    mode: str  # "launch" or "control"
+    control: Optional[str] = None
+
+
+@attrs.frozen
 class DeviceConfig:
     """``malai.toml``: device-wide settings."""
 
@@ -141,3 +149,4 @@ class DeviceConfig:
     tcp: Dict[str, TcpForward] = attrs.field(factory=dict)
     http_listen: Optional[str] = None
     listen: Tuple[str, ...] = ()
+    tor: Optional["TorSettings"] = None  # None: Tor is off

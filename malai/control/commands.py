@@ -37,6 +37,7 @@ class Status(amp.Command):
             (b"waiting_for_config", amp.Boolean()),
             (b"config_version", amp.Integer()),
             (b"links", amp.Integer()),
+            (b"peer_links", amp.AmpList([(b"peer", amp.Unicode()), (b"path", amp.Unicode())])),
             (b"sync", amp.AmpList([
                 (b"machine", amp.Unicode()),
                 (b"version", amp.Integer()),
@@ -57,6 +58,8 @@ class Status(amp.Command):
         (b"relay_active", amp.Integer()),  # streams this daemon relays for others (a manager)
         (b"relay_total", amp.Integer()),
         (b"relay_bytes", amp.Integer()),
+        (b"tor", amp.Unicode()),  # off, connecting, running, failed: …
+        (b"onions", amp.ListOf(amp.Unicode())),  # the onion services up, one per identity
     ]
 
 

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from malai.errors import MalaiError
 from malai.identity import Identity
 from malai.p2p.link import WrongPeer, connect_verified
+from malai.p2p.onion import ONION_PORT, onion_address
 from malai.p2p.tls import PeerTLS
 
 __all__ = ["AddressBook", "DialError", "Dialer", "HINT_KINDS", "advertised_hint", "hint_endpoint", "hint_kind",
@@ -35,6 +36,9 @@ HINT_KINDS = ("tcp", "relay", "tor")
 def normalize_hint(hint: str) -> str:
     """``HOST:PORT`` is short for ``tcp:HOST:PORT``."""
     return hint if hint.split(":", 1)[0] in HINT_KINDS else f"tcp:{hint}"
+
+
+_PREFERENCE = {"tcp": 0, "relay": 1, "tor": 2}
 
 
 def hint_kind(hint: str) -> str:
@@ -116,10 +120,12 @@ class Dialer:
     def connect(self, local: Identity, peer: str, factory: Factory, hints: Optional[Iterable[str]] = None) -> Deferred:
         """Fire with ``factory``'s protocol on a verified link to ``peer``."""
         hints = list(hints) if hints is not None else self.book.hints(peer)
-        if not hints:
+        if not hints and "tor" not in self.kinds:
             return _fail(DialError(f"no known address for {peer}: add addrs to the config or pass --addr"))
         hints = [normalize_hint(h) for h in hints]
-        hints.sort(key=lambda h: hint_kind(h) == "relay")  # direct first; a relay when they fail or stall
+        if "tor" in self.kinds and not any(hint_kind(h) == "tor" for h in hints):
+            hints.append(f"tor:{onion_address(peer)}:{ONION_PORT}")  # every identity is an onion service
+        hints.sort(key=lambda h: _PREFERENCE.get(hint_kind(h), 0))  # direct first, then a relay, then Tor
         race = _Race(self, local, peer, factory, hints)
         return race.start()
 

@@ -187,6 +187,23 @@ class ClusterService(MultiService):
                              f"machines: {known}")
         return id52
 
+    def name_of(self, id52: str) -> str:
+        """A peer's machine name in this cluster (``manager`` for the manager), else its ID52."""
+        e = self.entry
+        if id52 == self.manager_id52() or (e.cluster is not None and id52 == e.cluster.manager.id52):
+            return "manager"
+        if e.cluster is not None:
+            machine = e.cluster.machine_by_id52(id52)
+            return machine.name if machine is not None else id52
+        if e.machine is not None:
+            for name, d in e.machine.directory.items():
+                if d.id52 == id52:
+                    return name
+            for name, caller in e.machine.callers.items():
+                if caller == id52:
+                    return name
+        return id52
+
     def exec_targets(self) -> List[str]:
         """Machines one may try to run commands on from here (the machine decides)."""
         e = self.entry

@@ -52,4 +52,7 @@ class ListeningService(Service):
             return self.description
         host = self.port.getHost()
         port = getattr(host, "port", None)
-        return f"{getattr(host, 'host', '')}:{port}" if port is not None else str(getattr(host, "name", host))
+        if port is not None:
+            return f"{getattr(host, 'host', '')}:{port}"
+        name = getattr(host, "name", host)
+        return name.decode() if isinstance(name, bytes) else str(name)

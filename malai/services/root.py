@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 import malai
 from malai.config import ConfigError
+from malai.config.models import TorSettings
 from malai.errors import MalaiError
 from malai.home import ClusterEntry, Home
 from malai.lock import DaemonLock
@@ -27,6 +28,7 @@ from malai.services.cluster import ClusterService
 from malai.services.forwarding import Forwards
 from malai.services.listening import ListeningService
 from malai.services.report import Report
+from malai.services.tor import TorService
 
 __all__ = ["MalaiService"]
 
@@ -57,6 +59,7 @@ class MalaiService(MultiService):
                                         idle_timeout=IDLE_TIMEOUT, clock=reactor)
         self.http_upstreams = UpstreamPool(reactor)
         self.relayer = Relayer(reactor)
+        self.tor: Optional[TorService] = None
         self.dialer.kinds["relay"] = relay_endpoint(self.dialer, lambda: self.hello)
         self.accept = server_factory(self.tls, self._route)  # peer links, direct or arriving through a relay
         self.clusters: Dict[str, ClusterService] = {}
@@ -99,7 +102,8 @@ class MalaiService(MultiService):
 
     def _advertise(self) -> None:
         """Tell peers in ``Hello`` where we listen, so they can dial us back."""
-        self.hello = attrs.evolve(self.hello, addrs=tuple(self.addresses()))
+        tcp = [a for a in self.addresses() if a.rpartition(":")[2].isdigit()]  # not UNIX sockets
+        self.hello = attrs.evolve(self.hello, addrs=tuple(tcp))
         self.pool.factory.hello = self.streams.factory.hello = self._accepted.hello = self.hello
 
     def _fatal(self, failure) -> None:
@@ -176,8 +180,10 @@ class MalaiService(MultiService):
     def addresses(self) -> List[str]:
         return [svc.address() for svc in self.listeners]
 
-    def links_of(self, id52: str) -> int:
-        return sum(1 for link in self.pool.links() if link.peer.local == id52)
+    def links_of(self, svc: ClusterService) -> List[dict]:
+        """The open request/response links of a cluster's identity, with the path each took."""
+        return [{"peer": svc.name_of(link.peer.peer), "path": link.peer.hint or "inbound"}
+                for link in self.pool.links() if link.peer.local == svc.identity.id52]
 
     # -- rescan -----------------------------------------------------------------
     def rescan(self, only: Optional[str] = None, check: bool = False) -> List[Report]:
@@ -191,6 +197,7 @@ class MalaiService(MultiService):
                 reports.append(Report("malai.toml", "refused", [str(p) for p in e.problems]))
             else:
                 reports.extend(self.forwards.apply(device, check))
+                reports.extend(self._apply_tor(device.tor, check))
         entries = self.home.scan(only)
         by_id52: Dict[str, str] = {}
         for entry in entries:
@@ -236,6 +243,25 @@ class MalaiService(MultiService):
         self._configure_book(svc)
         self.clusters[entry.alias] = svc
         svc.setServiceParent(self)
+        if self.tor is not None:
+            self.tor.sync()
+
+    def _apply_tor(self, settings: Optional[TorSettings], check: bool) -> List[Report]:
+        current = self.tor.settings if self.tor is not None else None
+        if settings == current:
+            return []
+        action = "removed" if settings is None else "added" if current is None else "reloaded"
+        if check:
+            return [Report("tor", action)]
+        if self.tor is not None:
+            self.tor.disownServiceParent()
+            self.tor = None
+            self.dialer.kinds.pop("tor", None)
+        if settings is not None:
+            self.tor = TorService(self, settings)
+            self.tor.setServiceParent(self)
+            self.dialer.kinds["tor"] = self.tor.endpoint
+        return [Report("tor", action)]
 
     def _configure_book(self, svc: ClusterService) -> None:
         for id52, hints in svc.addresses().items():
@@ -244,6 +270,8 @@ class MalaiService(MultiService):
     def _remove(self, alias: str) -> Deferred:
         svc = self.clusters.pop(alias)
         self.tls.remove(svc.identity.id52)
+        if self.tor is not None:
+            self.tor.sync()
         closing = DeferredList([self.pool.close(svc.identity.id52), self.streams.close(svc.identity.id52)])
         stopped = svc.disownServiceParent()
         return DeferredList([closing, stopped]) if stopped is not None else closing
@@ -252,11 +280,13 @@ class MalaiService(MultiService):
     def status(self) -> dict:
         clusters = []
         for svc in self.clusters.values():
-            clusters.append({**svc.summary(), "links": self.links_of(svc.identity.id52)})
+            links = self.links_of(svc)
+            clusters.append({**svc.summary(), "links": len(links), "peer_links": links})
         return {"pid": os.getpid(), "version": malai.__version__, "uptime": time.time() - self.started_at,
                 "listen": self.addresses(), "clusters": clusters, "forwards": self.forwards.summary(),
                 "http_urls": self.forwards.http.urls() if self.forwards.http else [],
                 **{f"relay_{k}": v for k, v in self.relayer.summary().items()},
+                **(self.tor.summary() if self.tor is not None else {"tor": "off", "onions": []}),
                 **({"http": self.forwards.http.address()} if self.forwards.http else {})}
 
     def cluster(self, alias: str) -> ClusterService:
