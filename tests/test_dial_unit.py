@@ -53,6 +53,26 @@ class DialerRaceTests(SynchronousTestCase):
             self.assertIn(("cancelled", hint), self.log)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_relay_hint_last_and_later(self):
+        self.dialer.kinds["relay"] = lambda local, peer, hint: FakeEndpoint(self.log, hint)
+        d = self.dialer.connect(self.me, self.peer, PeerAMPFactory(HelloInfo(), True), ["relay:R", "a:1"])
+        self.assertEqual(self.started(), ["tcp:a:1"])  # direct first, whatever the order given
+        self.clock.advance(0.5)
+        self.assertEqual(self.started(), ["tcp:a:1"])  # a relay waits longer than the stagger…
+        self.clock.advance(0.5)
+        self.assertEqual(self.started(), ["tcp:a:1", "relay:R"])
+        self.log[0][2].errback(Failure(ConnectionRefusedError("refused")))
+        self.assertNoResult(d)
+        d.cancel()
+        self.assertIn(("cancelled", "relay:R"), self.log)
+        self.failureResultOf(d)
+
+    def test_relay_at_once_when_direct_fails(self):
+        self.dialer.kinds["relay"] = lambda local, peer, hint: FakeEndpoint(self.log, hint)
+        self.dialer.connect(self.me, self.peer, PeerAMPFactory(HelloInfo(), True), ["a:1", "relay:R"])
+        self.log[0][2].errback(Failure(ConnectionRefusedError("refused")))
+        self.assertEqual(self.started(), ["tcp:a:1", "relay:R"])  # …unless the direct attempt failed
+
     def test_failure_starts_next_at_once(self):
         d = self.dialer.connect(self.me, self.peer, PeerAMPFactory(HelloInfo(), True), ["a:1", "b:2"])
         self.log[0][2].errback(Failure(ConnectionRefusedError("refused")))

@@ -94,7 +94,7 @@ class Dialer:
     """Connects a local identity to a remote ID52."""
 
     def __init__(self, reactor, tls: PeerTLS, book: AddressBook, stagger: float = 0.25, timeout: float = 10.0,
-                 endpoint_for=hint_endpoint):
+                 endpoint_for=hint_endpoint, fallback_delay: float = 1.0):
         self.reactor = reactor
         self.endpoint_for = endpoint_for
         #: How to reach a peer through a hint of another kind: ``kind -> f(local, peer, hint) -> endpoint``
@@ -103,6 +103,7 @@ class Dialer:
         self.tls = tls
         self.book = book
         self.stagger = stagger
+        self.fallback_delay = fallback_delay  # before a relay or Tor hint, unless direct ones failed already
         self.timeout = timeout
 
     def endpoint(self, local: Identity, peer: str, hint: str) -> IStreamClientEndpoint:
@@ -172,7 +173,9 @@ class _Race:
         self.attempts[hint] = d
         d.addCallbacks(self._won, self._lost, callbackArgs=(hint,), errbackArgs=(hint,))
         if self.pending:
-            self.next_call = self.dialer.reactor.callLater(self.dialer.stagger, self._launch)
+            direct = hint_kind(self.pending[0]) == "tcp"
+            delay = self.dialer.stagger if direct else self.dialer.fallback_delay
+            self.next_call = self.dialer.reactor.callLater(delay, self._launch)
 
     def _won(self, protocol, hint: str) -> None:
         del self.attempts[hint]

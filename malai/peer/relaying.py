@@ -63,14 +63,20 @@ class _RelayEndpoint:
         hints = self.dialer.direct_hints(self.relay)
         if not hints:
             raise DialError(f"no known address for the relay {self.relay}")
-        link = yield self.dialer.connect(self.local, self.relay, PeerAMPFactory(self.hello_of(), dialer=True), hints)
-        yield link.ready
+        link = None
         capture = _Capture(factory)
         try:
+            link = yield self.dialer.connect(self.local, self.relay, PeerAMPFactory(self.hello_of(), dialer=True),
+                                             hints)
+            yield link.ready
             yield link.callRemote(RelayOpen, _protoToSwitchToFactory=capture, target=self.target)
         except RelayRefused as e:
             link.transport.loseConnection()
             raise DialError(f"relay {self.relay} refused: {e}") from None
+        except BaseException:  # cancelled (a direct path won the race) or failed: leave nothing open
+            if link is not None and link.transport is not None:
+                link.transport.loseConnection()
+            raise
         return capture.protocol
 
 
