@@ -46,6 +46,19 @@ class NetNS:
             raise AssertionError(f"daemon in {self.name}: {r.stderr}")
 
 
+def join_in_namespace(testcase, ns: NetNS, cm_host: str):
+    """A manager started in ``ns`` on ``cm_host:7420``; web01 and laptop joined to it (not started).
+    (cm, web, laptop, the manager's ID52, {name: ID52})."""
+    cm, web, laptop = DaemonHome(testcase), DaemonHome(testcase), DaemonHome(testcase)
+    cm_id52 = cm.ok("cluster", "init", "company").split("manager ID52: ")[1].split()[0]
+    ns.start(cm, f"tcp:7420:interface={cm_host}")
+    ids = {}
+    for home, name in ((web, "web01"), (laptop, "laptop")):
+        out = home.ok("machine", "init", cm_id52, "company", "--addr", f"{cm_host}:7420", "--name", name)
+        ids[name] = out.split("machine ID52: ")[1].split()[0]
+    return cm, web, laptop, cm_id52, ids
+
+
 class RelayEndToEnd(TestCase):
     def setUp(self):
         if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -63,13 +76,7 @@ class RelayEndToEnd(TestCase):
         lan.run("ip", "addr", "add", "10.201.0.2/24", "dev", b)
         lan.run("ip", "link", "set", b, "up")
 
-        cm, web, laptop = DaemonHome(self), DaemonHome(self), DaemonHome(self)
-        cm_id52 = cm.ok("cluster", "init", "company").split("manager ID52: ")[1].split()[0]
-        hub.start(cm, "tcp:7420:interface=10.201.0.1")
-        ids = {}
-        for home, name in ((web, "web01"), (laptop, "laptop")):
-            out = home.ok("machine", "init", cm_id52, "company", "--addr", "10.201.0.1:7420", "--name", name)
-            ids[name] = out.split("machine ID52: ")[1].split()[0]
+        cm, web, laptop, cm_id52, ids = join_in_namespace(self, hub, "10.201.0.1")
         redis = None
         if shutil.which("redis-server"):
             redis = subprocess.Popen(["ip", "netns", "exec", lan.name, "redis-server", "--port", "6379", "--bind",

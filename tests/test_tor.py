@@ -11,8 +11,8 @@ import shutil
 from twisted.trial.unittest import TestCase
 
 from malai.p2p.onion import onion_address
-from tests.helpers import DaemonHome, short_home, wait_for
-from tests.test_relay import NetNS
+from tests.helpers import short_home, wait_for
+from tests.test_relay import NetNS, join_in_namespace
 from tests.tor_network import TorNetwork
 
 
@@ -28,13 +28,7 @@ class OnionTests(TestCase):
         net.start()
         net.wait_bootstrapped()
 
-        cm, web, laptop = DaemonHome(self), DaemonHome(self), DaemonHome(self)
-        cm_id52 = cm.ok("cluster", "init", "company").split("manager ID52: ")[1].split()[0]
-        ns.start(cm, "tcp:7420:interface=127.0.0.1")
-        ids = {}
-        for home, name in ((web, "web01"), (laptop, "laptop")):
-            out = home.ok("machine", "init", cm_id52, "company", "--addr", "127.0.0.1:7420", "--name", name)
-            ids[name] = out.split("machine ID52: ")[1].split()[0]
+        cm, web, laptop, _, ids = join_in_namespace(self, ns, "127.0.0.1")
         config = cm.root / "clusters" / "company" / "cluster.toml"
         config.write_text(config.read_text() + (
             f'\n[machine.web01]\nid52 = "{ids["web01"]}"\nallow_from = "laptop"\n'

@@ -22,7 +22,7 @@ from malai.peer.commands import NotAllowed, OpenStream, UpstreamFailed
 from malai.peer.relay import LinkEnd, Relay
 from malai.peer.splice import SwitchTo
 from malai.services.listening import ListeningService
-from malai.services.report import Report
+from malai.services.report import Report, change
 
 __all__ = ["Forwards", "ServiceAddress", "StreamDenied", "TcpForwarder", "listen_endpoint", "open_stream"]
 
@@ -158,10 +158,9 @@ class Forwards(MultiService):
     def _apply_http(self, listen: Optional[str], check: bool) -> List[Report]:
         from malai.services.http_front import HttpFront
 
-        current = self.http.listen if self.http is not None else None
-        if listen == current:
+        action = change(self.http.listen if self.http is not None else None, listen)
+        if action is None:
             return []
-        action = "removed" if listen is None else "added" if current is None else "reloaded"
         if check:
             return [Report("http", action)]
         if self.http is not None:

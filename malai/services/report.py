@@ -1,10 +1,10 @@
 """``Report``: what a rescan did to one part of the daemon."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import attrs
 
-__all__ = ["Report"]
+__all__ = ["Report", "change"]
 
 
 @attrs.frozen
@@ -17,3 +17,10 @@ class Report:
 
     def as_dict(self) -> dict:
         return {"cluster": self.cluster, "action": self.action, "problems": list(self.problems)}
+
+
+def change(current, wanted) -> Optional[str]:
+    """What replacing ``current`` by ``wanted`` does (None when they are equal)."""
+    if wanted == current:
+        return None
+    return "removed" if wanted is None else "added" if current is None else "reloaded"

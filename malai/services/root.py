@@ -27,7 +27,7 @@ from malai.peer.relaying import Relayer, relay_endpoint
 from malai.services.cluster import ClusterService
 from malai.services.forwarding import Forwards
 from malai.services.listening import ListeningService
-from malai.services.report import Report
+from malai.services.report import Report, change
 from malai.services.tor import TorService
 
 __all__ = ["MalaiService"]
@@ -247,10 +247,9 @@ class MalaiService(MultiService):
             self.tor.sync()
 
     def _apply_tor(self, settings: Optional[TorSettings], check: bool) -> List[Report]:
-        current = self.tor.settings if self.tor is not None else None
-        if settings == current:
+        action = change(self.tor.settings if self.tor is not None else None, settings)
+        if action is None:
             return []
-        action = "removed" if settings is None else "added" if current is None else "reloaded"
         if check:
             return [Report("tor", action)]
         if self.tor is not None:
