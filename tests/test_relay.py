@@ -77,6 +77,9 @@ class RelayEndToEnd(TestCase):
         lan.run("ip", "link", "set", b, "up")
 
         cm, web, laptop, cm_id52, ids = join_in_namespace(self, hub, "10.201.0.1")
+        relay = DaemonHome(self)  # a member with relay = true, besides the manager
+        out = relay.ok("machine", "init", cm_id52, "company", "--addr", "10.201.0.1:7420", "--name", "relay01")
+        ids["relay01"] = out.split("machine ID52: ")[1].split()[0]
         redis = None
         if shutil.which("redis-server"):
             redis = subprocess.Popen(["ip", "netns", "exec", lan.name, "redis-server", "--port", "6379", "--bind",
@@ -87,28 +90,36 @@ class RelayEndToEnd(TestCase):
         config.write_text(config.read_text() + (
             f'\n[machine.web01]\nid52 = "{ids["web01"]}"\nallow_from = "laptop"\n'
             '\n[machine.web01.tcp.redis]\nport = 6379\nallow_from = "laptop"\n'
-            f'\n[machine.laptop]\nid52 = "{ids["laptop"]}"\n'))
+            f'\n[machine.laptop]\nid52 = "{ids["laptop"]}"\n'
+            f'\n[machine.relay01]\nid52 = "{ids["relay01"]}"\naddrs = ["10.201.0.1:7422"]\nrelay = true\n'))
         cm.ok("rescan")
+        hub.start(relay, "tcp:7422:interface=10.201.0.1")
         lan.start(web, "tcp:7420:interface=127.0.0.1")  # reachable from nowhere but its own namespace
         hub.start(laptop, "tcp:7421:interface=127.0.0.1")
 
         def in_sync():
             sync = cm.status()["clusters"][0]["sync"]
-            return len(sync) == 2 and all(m["sync"] == "in sync" for m in sync)
+            return len(sync) == 3 and all(m["sync"] == "in sync" for m in sync)
 
-        wait_for(in_sync, 30, "both machines to take their config")
+        wait_for(in_sync, 30, "the machines to take their config")
+        wait_for(lambda: relay.status()["clusters"][0]["links"] >= 1, 30, "web01 to keep a link to relay01")
         r = laptop.malai("web01.company", "sh", "-c", f"echo {MARKER.decode()}; hostname -I; exit 7")
         self.assertEqual(r.returncode, 7, r.stderr)
         self.assertEqual(r.stdout.split(), [MARKER.decode(), "10.201.0.2"])
         out = laptop.ok("ping", "web01.company")
+        self.assertIn(f"via relay:{ids['relay01']}", out)  # the member relay comes before the manager
+        out = laptop.ok("ping", "web01.company", "--addr", f"relay:{cm_id52}")
         self.assertIn(f"via relay:{cm_id52}", out)
         if redis is not None:
             laptop.ok("service", "add", "tcp", "redis", "127.0.0.1:6390", "redis.web01.company")
             self.assertEqual(hub.run("redis-cli", "-p", "6390", "SET", "k", MARKER.decode()).stdout.strip(), "OK")
             self.assertEqual(hub.run("redis-cli", "-p", "6390", "GET", "k").stdout.strip(), MARKER.decode())
-        status = cm.status()
-        self.assertGreaterEqual(status["relay_total"], 2 if redis is not None else 1)
-        self.assertGreater(status["relay_bytes"], 0)
+        member, manager = relay.status(), cm.status()
+        self.assertGreaterEqual(member["relay_total"], 2 if redis is not None else 1)
+        self.assertGreater(member["relay_bytes"], 0)
+        self.assertGreaterEqual(manager["relay_total"], 1)
+        paths = {link["peer"]: link["path"] for link in laptop.status()["clusters"][0]["peer_links"]}
+        self.assertEqual(paths["web01"], f"relay:{ids['relay01']}")
 
 
 class _Echo(protocol.Protocol):

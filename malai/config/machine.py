@@ -51,10 +51,23 @@ def parse_machine_config(text: str, file: str = "machine.toml") -> MachineConfig
             http=t.strings("http"),
         )
         t.done()
+    relays = {}
+    for name, t in root.tables("relay").items():
+        relays[name] = DirectoryEntry(name=name, id52=t.string("id52", required=True, check=check_id52) or "",
+                                      addrs=t.strings("addrs", check=check_addr))
+        t.done()
+    members: Dict[str, str] = {}
+    members_table = root.table("members")
+    if members_table is not None:
+        for name in members_table.data:
+            value = members_table.string(name, check=check_id52)
+            if value:
+                members[name] = value
+        members_table.done()
     root.done()
     source.raise_problems()
     assert manager is not None and machine is not None
-    return MachineConfig(manager, machine, callers, directory, version)
+    return MachineConfig(manager, machine, callers, directory, version, relays, members)
 
 
 def render_machine_config(config: MachineConfig) -> str:
@@ -83,6 +96,20 @@ def render_machine_config(config: MachineConfig) -> str:
                     t[key] = True
             directory[entry.name] = t
         doc["directory"] = directory
+    if config.relays:
+        relays = tomlkit.table(is_super_table=True)
+        for entry in config.relays.values():
+            t = tomlkit.table()
+            t["id52"] = entry.id52
+            if entry.addrs:
+                t["addrs"] = list(entry.addrs)
+            relays[entry.name] = t
+        doc["relay"] = relays
+    if config.members:
+        members = tomlkit.table()
+        for name, id52 in sorted(config.members.items()):
+            members[name] = id52
+        doc["members"] = members
     return tomlkit.dumps(doc)
 
 
@@ -121,7 +148,10 @@ def personalize(config: ClusterConfig, machine_name: str, version: int = 0) -> M
             if entry is not None:
                 directory[other.name] = entry
     manager = attrs.evolve(config.manager, config_editors=None)
-    return MachineConfig(manager, expanded, callers, directory, version)
+    relays = {m.name: DirectoryEntry(m.name, m.id52, m.addrs) for m in config.machines.values()
+              if m.relay and m.name != machine_name}
+    members = {m.name: m.id52 for m in config.machines.values()} if me.relay else {}  # a relay checks targets
+    return MachineConfig(manager, expanded, callers, directory, version, relays, members)
 
 
 def _reachable(acl, other: Machine, me: str):

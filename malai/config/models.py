@@ -112,6 +112,8 @@ class MachineConfig:
     callers: Dict[str, str] = attrs.field(factory=dict)
     directory: Dict[str, DirectoryEntry] = attrs.field(factory=dict)
     version: int = 0  # the cluster config version it was made from
+    relays: Dict[str, DirectoryEntry] = attrs.field(factory=dict)  # members with relay = true (not this one)
+    members: Dict[str, str] = attrs.field(factory=dict)  # every member, name -> ID52: only for a relay
 
 
 @attrs.frozen

@@ -18,7 +18,7 @@ from malai.control.commands import (
 )
 from malai.errors import MalaiError
 from malai.peer.ping import ping
-from malai.peer.protocol import QuietAMP
+from malai.peer.protocol import PeerAMPFactory, QuietAMP
 
 __all__ = ["ControlFactory", "ControlProtocol"]
 
@@ -56,8 +56,17 @@ class ControlProtocol(QuietAMP):
         try:
             svc = self.root.cluster(cluster)
             peer_id52 = svc.target(peer)
-            link = yield self.root.pool.get(svc.identity, peer_id52, addrs or None)
-            result = yield ping(link)
+            if addrs:  # this path, on a link of its own: the pooled one may have come another way
+                link = yield self.root.dialer.connect(svc.identity, peer_id52,
+                                                      PeerAMPFactory(self.root.hello, dialer=True), addrs)
+                yield link.ready
+                try:
+                    result = yield ping(link)
+                finally:
+                    link.transport.loseConnection()
+            else:
+                link = yield self.root.pool.get(svc.identity, peer_id52)
+                result = yield ping(link)
         except MalaiError as e:
             raise ControlFailed(str(e)) from None
         except Exception as e:  # a link that dropped mid-ping, a refused Hello

@@ -1,7 +1,7 @@
 """``MachineAgent`` (machine): keep a link to the cluster manager, accept its signed configs."""
 
 import hashlib
-from typing import Optional
+from typing import Dict, Optional
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -18,52 +18,43 @@ __all__ = ["MachineAgent"]
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 
 
-class MachineAgent(Service):
-    """Dials the manager (re-dialing with backoff), pings it to keep the link open, so the
-    manager can push over that link even when it cannot dial this machine."""
+class _Keeper:
+    """Keeps one link up: dials (re-dialing with backoff) and pings it as a heartbeat."""
 
     log = Logger()
 
-    def __init__(self, reactor, cluster, pool, heartbeat: float = 60.0):
-        self.reactor = reactor
-        self.cluster = cluster
-        self.pool = pool
-        self.heartbeat = heartbeat
+    def __init__(self, reactor, cluster, pool, peer: str, label: str, heartbeat: float):
+        self.reactor, self.cluster, self.pool = reactor, cluster, pool
+        self.peer, self.label, self.heartbeat = peer, label, heartbeat
         self.link = None
         self._call = None
         self._delay = RETRY_FIRST
-        self.setName("agent")
+        self.running = False
 
-    @property
-    def manager(self) -> str:
-        e = self.cluster.entry
-        return e.info.manager_id52 if e.info is not None else e.machine.manager.id52
-
-    def startService(self) -> None:
-        super().startService()
+    def start(self) -> None:
+        self.running = True
         self._schedule(0)
 
-    def stopService(self):
+    def stop(self) -> None:
+        self.running = False
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        return super().stopService()
 
     def _schedule(self, delay: float) -> None:
         if self.running and (self._call is None or not self._call.active()):
             self._call = self.reactor.callLater(delay, self._tick)
 
     def _tick(self) -> None:
-        """Make sure a link to the manager is up; ping over it as a heartbeat."""
         self._call = None
-        d = self.pool.get(self.cluster.identity, self.manager)
+        d = self.pool.get(self.cluster.identity, self.peer)
         d.addCallback(self._linked)
         d.addCallbacks(self._alive, self._down)
 
     def _linked(self, link):
         if link is not self.link:
             self.link = link
-            self.log.info("{cluster}: linked to the manager via {hint}", cluster=self.cluster.name,
+            self.log.info("{cluster}: linked to {label} via {hint}", cluster=self.cluster.name, label=self.label,
                           hint=link.peer.hint or "its link")
             link.closed.addCallback(lambda _: self._lost(link))
         return ping(link)
@@ -73,8 +64,8 @@ class MachineAgent(Service):
         self._schedule(self.heartbeat)
 
     def _down(self, failure) -> None:
-        self.log.info("{cluster}: manager unreachable ({reason}); retrying in {delay:g}s",
-                      cluster=self.cluster.name, reason=failure.getErrorMessage(), delay=self._delay)
+        self.log.info("{cluster}: {label} unreachable ({reason}); retrying in {delay:g}s", cluster=self.cluster.name,
+                      label=self.label, reason=failure.getErrorMessage(), delay=self._delay)
         self._schedule(self._delay)
         self._delay = min(self._delay * 2, RETRY_MAX)
 
@@ -85,6 +76,56 @@ class MachineAgent(Service):
                 self._call.cancel()
                 self._call = None
             self._schedule(self._delay)
+
+
+class MachineAgent(Service):
+    """Keeps a link to the manager (and to every member with ``relay = true``), so they
+    can push configs and relay callers over it even when nobody can dial this machine."""
+
+    log = Logger()
+
+    def __init__(self, reactor, cluster, pool, heartbeat: float = 60.0):
+        self.reactor = reactor
+        self.cluster = cluster
+        self.pool = pool
+        self.heartbeat = heartbeat
+        self.keepers: Dict[str, _Keeper] = {}
+        self.setName("agent")
+
+    @property
+    def manager(self) -> str:
+        e = self.cluster.entry
+        return e.info.manager_id52 if e.info is not None else e.machine.manager.id52
+
+    @property
+    def link(self):
+        keeper = self.keepers.get(self.manager)
+        return keeper.link if keeper is not None else None
+
+    def startService(self) -> None:
+        super().startService()
+        self.sync()
+
+    def stopService(self):
+        for keeper in self.keepers.values():
+            keeper.stop()
+        self.keepers.clear()
+        return super().stopService()
+
+    def sync(self) -> None:
+        """Keep links to the manager and the relays the config names now."""
+        if not self.running:
+            return
+        machine = self.cluster.entry.machine
+        wanted = {self.manager: "the manager"}
+        if machine is not None:
+            wanted.update({r.id52: f"relay {name}" for name, r in machine.relays.items()})
+        for peer in set(self.keepers) - set(wanted):
+            self.keepers.pop(peer).stop()
+        for peer, label in wanted.items():
+            if peer not in self.keepers:
+                self.keepers[peer] = _Keeper(self.reactor, self.cluster, self.pool, peer, label, self.heartbeat)
+                self.keepers[peer].start()
 
     # -- receiving ----------------------------------------------------------------
     def current_version(self) -> int:

@@ -69,6 +69,8 @@ class ClusterService(MultiService):
         self.log.info("{cluster} reloaded", cluster=self.name)
         if self.publisher is not None and self.publisher.running:
             self.publisher.publish()
+        if self.agent is not None:
+            self.agent.sync()
 
     def config_changed(self) -> None:
         """Our config file was just written (upload, push): apply it like a rescan."""
@@ -93,24 +95,38 @@ class ClusterService(MultiService):
 
     # -- relaying (see malai.peer.relaying) -------------------------------------
     def relayer(self) -> Relayer:
-        if self.entry.cluster is None:
-            raise RelayRefused(f"this device does not relay for {self.name}: its cluster manager does")
+        e = self.entry
+        if e.cluster is None and (e.machine is None or not e.machine.machine.relay):
+            raise RelayRefused(f"this device does not relay for {self.name} (relay = true is not set for it)")
         return self.daemon.relayer
+
+    def members(self) -> FrozenSet[str]:
+        """Every member's ID52, as far as this device knows them (all of them on the manager and relays)."""
+        e = self.entry
+        if e.cluster is not None:
+            return frozenset(m.id52 for m in e.cluster.machines.values())
+        return frozenset(e.machine.members.values()) if e.machine is not None else frozenset()
 
     def relay_open(self, caller: str, target: str):
         relayer = self.relayer()
-        machine = self.entry.cluster.machine_by_id52(target)
-        if machine is None:
-            raise RelayRefused(f"{target} is not a machine of {self.name}")
+        if target not in self.members():
+            raise RelayRefused(f"{target} is not a member of {self.name}")
         link = self.daemon.pool.current(self.identity.id52, target)
         if link is None:
-            raise RelayRefused(f"{machine.name} keeps no link to this relay (is its daemon running?)")
+            raise RelayRefused(f"{self.name_of(target)} keeps no link to this relay (is its daemon running?)")
         return relayer.open(link, caller, target)
 
+    def relays(self) -> List[str]:
+        """The ID52s that may relay to this machine: members with relay = true, then the manager."""
+        machine = self.entry.machine
+        relays = [r.id52 for r in machine.relays.values()] if machine is not None else []
+        manager = self.manager_id52()
+        return relays + ([manager] if manager else [])
+
     def relay_request(self, relay: str, token: str) -> None:
-        """Our manager relays a caller to us: dial it back for that stream."""
-        if relay != self.manager_id52():
-            raise RelayRefused("only this cluster's manager may ask us to attach to it")
+        """A relay (the manager, or a member with relay = true) carries a caller to us: dial it back."""
+        if relay not in self.relays():
+            raise RelayRefused("only this cluster's manager or a member with relay = true may ask us to attach")
         d = attach(self.daemon.dialer, self.daemon.hello, self.identity, relay, token, self.daemon.accept)
         d.addErrback(lambda f: self.log.warn("{cluster}: cannot attach to the relay: {why}", cluster=self.name,
                                              why=f.getErrorMessage()))
@@ -138,6 +154,8 @@ class ClusterService(MultiService):
             ids.add(m.manager.id52)
             ids.update(m.callers.values())
             ids.update(d.id52 for d in m.directory.values())
+            ids.update(r.id52 for r in m.relays.values())
+            ids.update(m.members.values())  # a relay serves every member
             for expr in _expressions(m.machine):
                 ids.update(expression_terms(expr))
         return frozenset(ids)
@@ -155,9 +173,11 @@ class ClusterService(MultiService):
         if e.info is not None:
             out[e.info.manager_id52] = list(e.info.addrs)
         if e.machine is not None:
-            relay = f"relay:{e.machine.manager.id52}"  # the manager relays to machines nobody can dial
+            relays = [f"relay:{r}" for r in self.relays()]  # for machines nobody can dial
+            for r in e.machine.relays.values():
+                out[r.id52] = list(r.addrs)
             for d in e.machine.directory.values():
-                out[d.id52] = [*d.addrs, relay]
+                out[d.id52] = [*d.addrs, *(h for h in relays if h != f"relay:{d.id52}")]
         return out
 
     def resolve(self, name: str) -> Optional[str]:
