@@ -162,6 +162,20 @@ class PersonalizeTests(SynchronousTestCase):
             mc = personalize(self.cluster, name)
             self.assertEqual(parse_machine_config(render_machine_config(mc)), mc)
 
+    def test_relays_listed_and_members_only_for_a_relay(self):
+        cluster = parse_cluster(cluster_text().replace('[machine.laptop]\nid52 = "' + self.k["laptop"] + '"',
+                                                       '[machine.laptop]\nid52 = "' + self.k["laptop"] + '"'
+                                                       '\nrelay = true\naddrs = ["10.0.0.9:7420"]'))
+        web = personalize(cluster, "web01")
+        self.assertEqual(list(web.relays), ["laptop"])
+        self.assertEqual((web.relays["laptop"].id52, web.relays["laptop"].addrs), (self.k["laptop"], ("10.0.0.9:7420",)))
+        self.assertEqual(web.members, {})  # only a relay learns every member
+        relay = personalize(cluster, "laptop")
+        self.assertEqual(relay.relays, {})
+        self.assertEqual(relay.members, {m.name: m.id52 for m in cluster.machines.values()})
+        for mc in (web, relay):
+            self.assertEqual(parse_machine_config(render_machine_config(mc)), mc)
+
     def test_unknown_machine(self):
         e = self.assertRaises(MalaiError, personalize, self.cluster, "nope")
         self.assertIn("no machine 'nope'", str(e))
