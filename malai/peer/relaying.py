@@ -125,7 +125,12 @@ class Relayer:
         if target is None or target != peer:
             raise RelayRefused("no relayed stream waits for this link")
         del self._pending[token]
-        attached.callback(None)
+        attached.callback(None)  # answers the caller's RelayOpen and switches its link, right now
+        caller_end = theirs.other
+        if caller_end is None or caller_end.transport is None:  # the caller left while we waited
+            theirs.on_close = caller_end.on_close = None
+            self.active -= 1
+            raise RelayRefused("the caller left before this link attached")
         return theirs
 
     def _started(self, ours: Splice, theirs: Splice) -> Splice:
