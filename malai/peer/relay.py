@@ -78,7 +78,7 @@ class Relay:
         self._eof_sent = True
         frame = frames.encode(frames.EOF)
         if self.link.connected:
-            self.link.transport.unregisterProducer()  # the plain side sends no more
+            _release(self.link.transport)  # the plain side sends no more
             self.link.transport.write(frame)
             self._maybe_finished()
         else:
@@ -86,7 +86,7 @@ class Relay:
 
     def plain_lost(self, reason: Optional[Failure]) -> None:
         if self.link.connected:
-            self.link.transport.unregisterProducer()
+            _release(self.link.transport)
             if not self._finished():
                 why = self._reason or _describe(reason, "the connection closed")
                 self._reason = self._reason or why
@@ -106,7 +106,7 @@ class Relay:
             self._eof_received = True
             # The link sends no more. Unregister it first: Twisted half-closes a
             # socket only if no paused producer is waiting for its buffer to drain.
-            plain.unregisterProducer()
+            _release(plain)
             self.link.transport.resumeProducing()
             plain.loseWriteConnection()
             self._maybe_finished()
@@ -117,7 +117,7 @@ class Relay:
 
     def link_lost(self, reason: Optional[Failure]) -> None:
         if self.plain.connected:
-            self.plain.transport.unregisterProducer()
+            _release(self.plain.transport)
             if self._eof_received:  # the far side ended its half: what it sent is delivered, then close
                 self.plain.transport.loseConnection()
             else:
@@ -157,6 +157,12 @@ class Relay:
             (self.log.info if self._quiet else self.log.warn)("{label}: {reason}", label=self.label,
                                                                reason=self._reason)
         self.done.callback(self._reason)
+
+
+def _release(transport) -> None:
+    """Stop ``transport`` pausing the other side (once: a second unregister is an error)."""
+    if getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()
 
 
 def _describe(reason: Optional[Failure], default: str) -> str:
