@@ -75,7 +75,8 @@ def main() -> int:
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            sys.exit(f"{tool} is not installed (apt-get install nginx-light wrk)")
+            print(f"bench/http_forward.py skipped: {tool} is not installed (apt-get install nginx-light wrk)")
+            return 0
     root = Path(tempfile.mkdtemp(prefix="malai-bench-", dir="/tmp"))
     root.chmod(0o755)  # nginx workers run as nobody
     (root / "www").mkdir()
