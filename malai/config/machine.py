@@ -30,14 +30,7 @@ def parse_machine_config(text: str, file: str = "machine.toml") -> MachineConfig
     machine = None
     for name, t in machines.items():
         machine = parse_machine_table(name, t)
-    callers: Dict[str, str] = {}
-    callers_table = root.table("callers")
-    if callers_table is not None:
-        for name in callers_table.data:
-            value = callers_table.string(name, check=check_id52)
-            if value:
-                callers[name] = value
-        callers_table.done()
+    callers = _names(root, "callers")
     directory = {}
     for name, t in root.tables("directory").items():
         directory[name] = DirectoryEntry(
@@ -56,18 +49,32 @@ def parse_machine_config(text: str, file: str = "machine.toml") -> MachineConfig
         relays[name] = DirectoryEntry(name=name, id52=t.string("id52", required=True, check=check_id52) or "",
                                       addrs=t.strings("addrs", check=check_addr))
         t.done()
-    members: Dict[str, str] = {}
-    members_table = root.table("members")
-    if members_table is not None:
-        for name in members_table.data:
-            value = members_table.string(name, check=check_id52)
-            if value:
-                members[name] = value
-        members_table.done()
+    members = _names(root, "members")
     root.done()
     source.raise_problems()
     assert manager is not None and machine is not None
     return MachineConfig(manager, machine, callers, directory, version, relays, members)
+
+
+def _names(root, key: str) -> Dict[str, str]:
+    """A table of ``name = "<id52>"`` lines."""
+    out: Dict[str, str] = {}
+    table = root.table(key)
+    if table is not None:
+        for name in table.data:
+            value = table.string(name, check=check_id52)
+            if value:
+                out[name] = value
+        table.done()
+    return out
+
+
+def _render_names(doc, key: str, names: Dict[str, str]) -> None:
+    if names:
+        table = tomlkit.table()
+        for name, id52 in sorted(names.items()):
+            table[name] = id52
+        doc[key] = table
 
 
 def render_machine_config(config: MachineConfig) -> str:
@@ -78,11 +85,7 @@ def render_machine_config(config: MachineConfig) -> str:
     machines = tomlkit.table(is_super_table=True)
     render_machine_into(machines, config.machine)
     doc["machine"] = machines
-    if config.callers:
-        callers = tomlkit.table()
-        for name, id52 in sorted(config.callers.items()):
-            callers[name] = id52
-        doc["callers"] = callers
+    _render_names(doc, "callers", config.callers)
     if config.directory:
         directory = tomlkit.table(is_super_table=True)
         for entry in config.directory.values():
@@ -105,11 +108,7 @@ def render_machine_config(config: MachineConfig) -> str:
                 t["addrs"] = list(entry.addrs)
             relays[entry.name] = t
         doc["relay"] = relays
-    if config.members:
-        members = tomlkit.table()
-        for name, id52 in sorted(config.members.items()):
-            members[name] = id52
-        doc["members"] = members
+    _render_names(doc, "members", config.members)
     return tomlkit.dumps(doc)
 
 

@@ -2,6 +2,8 @@
 
 from twisted.protocols import amp
 
+from malai.peer.commands import EXEC_ARGUMENTS
+
 __all__ = ["ControlFailed", "Exec", "ExecDenied", "Machines", "Ping", "Rescan", "Status", "Stop", "UnknownTarget",
            "Unreachable"]
 
@@ -95,16 +97,7 @@ class Exec(amp.ProtocolSwitchCommand):
 
     Built by hand in malai/cli/remote.py (the stdlib client): keep the two in step."""
 
-    arguments = [
-        (b"cluster", amp.Unicode()),
-        (b"machine", amp.Unicode()),
-        (b"argv", amp.ListOf(amp.Unicode())),
-        (b"tty", amp.Boolean()),
-        (b"term", amp.Unicode()),
-        (b"rows", amp.Integer()),
-        (b"cols", amp.Integer()),
-        (b"timeout", amp.Float(optional=True)),
-    ]
+    arguments = [(b"cluster", amp.Unicode()), (b"machine", amp.Unicode()), *EXEC_ARGUMENTS]
     response: list = []
     errors = {ExecDenied: b"DENIED", UnknownTarget: b"UNKNOWN", Unreachable: b"UNREACHABLE",
               ControlFailed: b"FAILED"}

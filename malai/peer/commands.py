@@ -7,7 +7,7 @@ answered until it has been. Values stay under AMP's 64 KiB limit.
 from twisted.protocols import amp
 
 __all__ = [
-    "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "ExecFailed", "GetConfig", "Hello", "IncompatibleVersion",
+    "EXEC_ARGUMENTS", "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "ExecFailed", "GetConfig", "Hello", "IncompatibleVersion",
     "NotAllowed", "OpenExec", "OpenStream", "Ping", "PushConfig", "PutConfig", "RelayAttach", "RelayOpen",
     "RelayRefused", "RelayRequest", "StaleBase", "UpstreamFailed",
 ]
@@ -122,18 +122,22 @@ class ConfigHistory(amp.Command):
     errors = {NotAllowed: b"NOT_ALLOWED"}
 
 
+#: What an exec request says, on a peer link and on the control socket alike.
+EXEC_ARGUMENTS = [
+    (b"argv", amp.ListOf(amp.Unicode())),
+    (b"tty", amp.Boolean()),
+    (b"term", amp.Unicode()),
+    (b"rows", amp.Integer()),
+    (b"cols", amp.Integer()),
+    (b"timeout", amp.Float(optional=True)),
+]
+
+
 class OpenExec(amp.ProtocolSwitchCommand):
     """Caller → machine: run ``argv`` (empty: a login shell); on the answer the link
     switches to exec frames (malai.frames) and belongs to this one session."""
 
-    arguments = [
-        (b"argv", amp.ListOf(amp.Unicode())),
-        (b"tty", amp.Boolean()),
-        (b"term", amp.Unicode()),
-        (b"rows", amp.Integer()),
-        (b"cols", amp.Integer()),
-        (b"timeout", amp.Float(optional=True)),
-    ]
+    arguments = EXEC_ARGUMENTS
     response: list = []
     errors = {NotAllowed: b"NOT_ALLOWED", ExecFailed: b"EXEC_FAILED"}
 
