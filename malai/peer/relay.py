@@ -56,6 +56,7 @@ class Relay:
     def link_connected(self) -> None:
         plain, link = self.plain.transport, self.link.transport
         if plain is None or not self.plain.connected:
+            self._quiet = True  # a client that gave up waiting: nothing went wrong here
             self.fail("the local connection closed before the stream opened")
             return
         for data in self._pending:
@@ -92,8 +93,9 @@ class Relay:
                 self._reason = self._reason or why
                 self.link.transport.write(frames.encode(frames.ERROR, why.encode()))
             self.link.transport.loseConnection()
-        elif not self._finished():
-            self._reason = self._reason or _describe(reason, "the connection closed")
+        elif not self._finished():  # before the stream opened (or a browser's spare connection)
+            self._reason = self._reason or _describe(reason, "the connection closed before the stream opened")
+            self._quiet = self._quiet or reason is None or bool(reason.check(ConnectionDone))
         self._end()
 
     # -- link → plain side ------------------------------------------------------
