@@ -107,7 +107,7 @@ class RelayEndToEnd(TestCase):
         self.assertEqual(r.returncode, 7, r.stderr)
         self.assertEqual(r.stdout.split(), [MARKER.decode(), "10.201.0.2"])
         out = laptop.ok("ping", "web01.company")
-        self.assertIn(f"via relay:{ids['relay01']}", out)  # the member relay comes before the manager
+        self.assertIn(f"via relay:{ids['relay01']} (relayed)", out)  # the member relay comes before the manager
         out = laptop.ok("ping", "web01.company", "--addr", f"relay:{cm_id52}")
         self.assertIn(f"via relay:{cm_id52}", out)
         if redis is not None:

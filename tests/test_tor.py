@@ -43,7 +43,7 @@ class OnionTests(TestCase):
         onion = onion_address(ids["web01"])
         wait_for(lambda: web.status()["onions"] == [onion], 120, "web01's onion service")
         out = laptop.ok("ping", "web01.company", "--addr", f"tor:{onion}:7420", timeout=120)
-        self.assertIn(f"via tor:{onion}:7420", out)
+        self.assertIn(f"via tor:{onion}:7420 (over Tor)", out)
         r = laptop.malai("web01.company", "echo", "through", "tor", timeout=120)
         self.assertEqual((r.stdout, r.returncode), ("through tor\n", 0), r.stderr)
         self.assertEqual(laptop.status()["tor"], "running")

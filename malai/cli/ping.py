@@ -62,10 +62,19 @@ async def _pings(reactor, home, args, cluster, peer) -> int:
             print(f"malai: {_message(e)}", file=sys.stderr)
             continue
         answered += 1
-        print(f"answer from {args.target} via {result['address']}: {result['rtt'] * 1000:.2f} ms, "
+        print(f"answer from {args.target} via {result['address']} ({_path(result['address'])}): "
+              f"{result['rtt'] * 1000:.2f} ms, "
               f"malai {result['version']}{' (through the daemon)' if via_daemon else ''}", flush=True)
     await pinger.close()
     return 0 if answered else 1
+
+
+_PATHS = {"tcp": "direct", "relay": "relayed", "tor": "over Tor"}
+
+
+def _path(address: str) -> str:
+    """What kind of path a link took, from the hint it was made over."""
+    return _PATHS.get(address.split(":", 1)[0], "over the link the peer opened")
 
 
 def _message(error: Exception) -> str:
