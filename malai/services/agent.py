@@ -11,72 +11,9 @@ from malai.config.envelope import Envelope
 from malai.config.errors import ConfigError
 from malai.config.machine import parse_machine_config
 from malai.errors import MalaiError
-from malai.peer.ping import ping
+from malai.services.keeper import LinkKeeper
 
 __all__ = ["MachineAgent"]
-
-RETRY_FIRST, RETRY_MAX = 1.0, 30.0
-
-
-class _Keeper:
-    """Keeps one link up: dials (re-dialing with backoff) and pings it as a heartbeat."""
-
-    log = Logger()
-
-    def __init__(self, reactor, cluster, pool, peer: str, label: str, heartbeat: float):
-        self.reactor, self.cluster, self.pool = reactor, cluster, pool
-        self.peer, self.label, self.heartbeat = peer, label, heartbeat
-        self.link = None
-        self._call = None
-        self._delay = RETRY_FIRST
-        self.running = False
-
-    def start(self) -> None:
-        self.running = True
-        self._schedule(0)
-
-    def stop(self) -> None:
-        self.running = False
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def _schedule(self, delay: float) -> None:
-        if self.running and (self._call is None or not self._call.active()):
-            self._call = self.reactor.callLater(delay, self._tick)
-
-    def _tick(self) -> None:
-        self._call = None
-        d = self.pool.get(self.cluster.identity, self.peer)
-        d.addCallback(self._linked)
-        d.addCallbacks(self._alive, self._down)
-
-    def _linked(self, link):
-        if link is not self.link:
-            self.link = link
-            self.log.info("{cluster}: linked to {label} via {hint}", cluster=self.cluster.name, label=self.label,
-                          hint=link.peer.hint or "its link")
-            link.closed.addCallback(lambda _: self._lost(link))
-        return ping(link)
-
-    def _alive(self, _) -> None:
-        self._delay = RETRY_FIRST
-        self._schedule(self.heartbeat)
-
-    def _down(self, failure) -> None:
-        self.log.info("{cluster}: {label} unreachable ({reason}); retrying in {delay:g}s", cluster=self.cluster.name,
-                      label=self.label, reason=failure.getErrorMessage(), delay=self._delay)
-        self._schedule(self._delay)
-        self._delay = min(self._delay * 2, RETRY_MAX)
-
-    def _lost(self, link) -> None:
-        if link is self.link:
-            self.link = None
-            if self._call is not None and self._call.active():
-                self._call.cancel()
-                self._call = None
-            self._schedule(self._delay)
-
 
 class MachineAgent(Service):
     """Keeps a link to the manager (and to every member with ``relay = true``), so they
@@ -89,7 +26,7 @@ class MachineAgent(Service):
         self.cluster = cluster
         self.pool = pool
         self.heartbeat = heartbeat
-        self.keepers: Dict[str, _Keeper] = {}
+        self.keepers: Dict[str, LinkKeeper] = {}
         self.setName("agent")
 
     @property
@@ -124,7 +61,7 @@ class MachineAgent(Service):
             self.keepers.pop(peer).stop()
         for peer, label in wanted.items():
             if peer not in self.keepers:
-                self.keepers[peer] = _Keeper(self.reactor, self.cluster, self.pool, peer, label, self.heartbeat)
+                self.keepers[peer] = LinkKeeper(self.reactor, self.cluster, self.pool, peer, label, self.heartbeat)
                 self.keepers[peer].start()
 
     # -- receiving ----------------------------------------------------------------

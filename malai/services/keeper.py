@@ -1,0 +1,141 @@
+"""``LinkKeeper``: keeps one link up, as an Automat state machine.
+
+A machine keeps links to its manager and relays so they can reach it even
+when nobody can dial it. The keeper dials, pings over the link as a
+heartbeat, and re-dials with backoff when the link drops or a dial fails::
+
+    idle --start--> waiting --tick--> checking --up--> linked --tick--> checking …
+                       ^                  |               |
+                       +------down--------+<-----lost-----+
+    (any) --stop--> stopped
+"""
+
+from automat import MethodicalMachine
+from twisted.logger import Logger
+
+from malai.peer.ping import ping
+
+__all__ = ["RETRY_FIRST", "RETRY_MAX", "LinkKeeper"]
+
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+
+
+class LinkKeeper:
+    machine = MethodicalMachine()
+    log = Logger()
+
+    def __init__(self, reactor, cluster, pool, peer: str, label: str, heartbeat: float):
+        self.reactor, self.cluster, self.pool = reactor, cluster, pool
+        self.peer, self.label, self.heartbeat = peer, label, heartbeat
+        self.link = None
+        self._call = None
+        self._delay = RETRY_FIRST
+
+    # -- states -----------------------------------------------------------------
+    @machine.state(initial=True)
+    def idle(self):
+        """Not started."""
+
+    @machine.state()
+    def waiting(self):
+        """A dial is scheduled (at once, or after a backoff)."""
+
+    @machine.state()
+    def checking(self):
+        """Getting the link from the pool (dialing if needed) and pinging over it."""
+
+    @machine.state()
+    def linked(self):
+        """The link answered; the next heartbeat is scheduled."""
+
+    @machine.state()
+    def stopped(self):
+        """Stopped for good."""
+
+    # -- inputs -----------------------------------------------------------------
+    @machine.input()
+    def start(self):
+        "The agent started."
+
+    @machine.input()
+    def tick(self):
+        "The scheduled time came."
+
+    @machine.input()
+    def up(self, link):
+        "The link answered a ping."
+
+    @machine.input()
+    def down(self, reason: str):
+        "Dialing or pinging failed."
+
+    @machine.input()
+    def lost(self, link):
+        "A link closed."
+
+    @machine.input()
+    def stop(self):
+        "The agent stops, or no longer needs this link."
+
+    # -- outputs ----------------------------------------------------------------
+    @machine.output()
+    def _dial_now(self):
+        self._schedule(0)
+
+    @machine.output()
+    def _check(self):
+        self._call = None
+        d = self.pool.get(self.cluster.identity, self.peer)
+        d.addCallback(lambda link: ping(link).addCallback(lambda _: link))
+        d.addCallbacks(self.up, lambda failure: self.down(failure.getErrorMessage()))
+
+    @machine.output()
+    def _note_link(self, link):
+        if link is not self.link:
+            self.link = link
+            self.log.info("{cluster}: linked to {label} via {hint}", cluster=self.cluster.name, label=self.label,
+                          hint=link.peer.hint or "its link")
+            link.closed.addCallback(self.lost)
+        self._delay = RETRY_FIRST
+        self._schedule(self.heartbeat)
+
+    @machine.output()
+    def _back_off(self, reason: str):
+        self.log.info("{cluster}: {label} unreachable ({reason}); retrying in {delay:g}s", cluster=self.cluster.name,
+                      label=self.label, reason=reason, delay=self._delay)
+        self._schedule(self._delay)
+        self._delay = min(self._delay * 2, RETRY_MAX)
+
+    @machine.output()
+    def _forget(self, link):
+        if link is self.link:
+            self.link = None
+            self._schedule(self._delay)
+
+    @machine.output()
+    def _cancel(self):
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self, delay: float) -> None:
+        self._cancel_timer()
+        self._call = self.reactor.callLater(delay, self.tick)
+
+    # -- transitions --------------------------------------------------------------
+    idle.upon(start, enter=waiting, outputs=[_dial_now])
+    waiting.upon(tick, enter=checking, outputs=[_check])
+    checking.upon(up, enter=linked, outputs=[_note_link])
+    checking.upon(down, enter=waiting, outputs=[_back_off])
+    linked.upon(tick, enter=checking, outputs=[_check])
+    linked.upon(lost, enter=waiting, outputs=[_forget])
+    for _state in (idle, waiting, checking):
+        _state.upon(lost, enter=_state, outputs=[])  # an old link; the next check finds out
+    for _state in (idle, waiting, checking, linked, stopped):
+        _state.upon(stop, enter=stopped, outputs=[_cancel])
+    for _input in (tick, up, down, lost):
+        stopped.upon(_input, enter=stopped, outputs=[])  # late events after a stop
+    del _state, _input
