@@ -17,6 +17,7 @@ from malai.control.commands import (
     Unreachable,
 )
 from malai.errors import MalaiError
+from malai.peer.links import dial_ready
 from malai.peer.ping import ping
 from malai.peer.protocol import PeerAMPFactory, QuietAMP
 
@@ -57,9 +58,8 @@ class ControlProtocol(QuietAMP):
             svc = self.root.cluster(cluster)
             peer_id52 = svc.target(peer)
             if addrs:  # this path, on a link of its own: the pooled one may have come another way
-                link = yield self.root.dialer.connect(svc.identity, peer_id52,
-                                                      PeerAMPFactory(self.root.hello, dialer=True), addrs)
-                yield link.ready
+                link = yield dial_ready(self.root.dialer, svc.identity, peer_id52,
+                                        PeerAMPFactory(self.root.hello, dialer=True), addrs)
                 try:
                     result = yield ping(link)
                 finally:

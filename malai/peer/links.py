@@ -3,16 +3,24 @@ traffic; ``SpareLinks``: links made ready ahead for byte streams, one stream eac
 
 from typing import Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from malai.identity import Identity
 from malai.p2p.dial import Dialer
 from malai.peer.protocol import PeerAMP, PeerAMPFactory
 
-__all__ = ["LinkPool", "SpareLinks"]
+__all__ = ["LinkPool", "SpareLinks", "dial_ready"]
 
 Key = Tuple[str, str]
+
+
+def dial_ready(dialer: Dialer, local: Identity, peer: str, factory: PeerAMPFactory,
+               hints: Optional[List[str]] = None) -> Deferred:
+    """Dial ``peer`` and fire with the link once both sides said ``Hello``."""
+    d = dialer.connect(local, peer, factory, hints)
+    d.addCallback(lambda link: link.ready.addCallback(lambda _: link))
+    return d
 
 
 class LinkPool:
@@ -43,8 +51,7 @@ class LinkPool:
             self._dialing[key].append(waiter)
             return waiter
         self._dialing[key] = [waiter]
-        dial = self.dialer.connect(local, peer, self.factory, hints)
-        dial.addCallback(lambda link: link.ready.addCallback(lambda _: link))
+        dial = dial_ready(self.dialer, local, peer, self.factory, hints)
         dial.addCallbacks(self._dialed, self._failed, callbackArgs=(key,), errbackArgs=(key,))
         return waiter
 
@@ -112,22 +119,15 @@ class SpareLinks:
         link = ready.pop(0) if ready else None
         self._refill(local, peer)
         if link is not None:
-            d: Deferred = Deferred()
-            d.callback(link)
-            return d
-        return self._dial(local, peer)
-
-    def _dial(self, local: Identity, peer: str) -> Deferred:
-        d = self.dialer.connect(local, peer, self.factory)
-        d.addCallback(lambda link: link.ready.addCallback(lambda _: link))
-        return d
+            return succeed(link)
+        return dial_ready(self.dialer, local, peer, self.factory)
 
     def _refill(self, local: Identity, peer: str) -> None:
         key = (local.id52, peer)
         missing = self.spares - len(self._ready.get(key, [])) - self._dialing.get(key, 0)
         for _ in range(missing):
             self._dialing[key] = self._dialing.get(key, 0) + 1
-            d = self._dial(local, peer)
+            d = dial_ready(self.dialer, local, peer, self.factory)
             d.addCallbacks(self._spare, self._spare_failed, callbackArgs=(key,), errbackArgs=(key,))
 
     def _spare(self, link: PeerAMP, key: Key) -> None:

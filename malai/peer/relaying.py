@@ -23,6 +23,7 @@ from zope.interface import implementer
 from malai.identity import Identity
 from malai.p2p.dial import Dialer, DialError
 from malai.peer.commands import RelayAttach, RelayOpen, RelayRefused, RelayRequest
+from malai.peer.links import dial_ready
 from malai.peer.protocol import PeerAMPFactory
 from malai.peer.splice import Splice, splice_pair
 
@@ -164,8 +165,7 @@ class Relayer:
 def attach(dialer: Dialer, hello, local: Identity, relay: str, token: str, accept: Factory):
     """Dial ``relay`` afresh and attach ``token``; the caller's TLS then arrives on that
     link and is accepted by ``accept`` (the daemon's listening factory)."""
-    link = yield dialer.connect(local, relay, PeerAMPFactory(hello, dialer=True), dialer.direct_hints(relay))
-    yield link.ready
+    link = yield dial_ready(dialer, local, relay, PeerAMPFactory(hello, dialer=True), dialer.direct_hints(relay))
     try:
         yield link.callRemote(RelayAttach, _protoToSwitchToFactory=_Capture(accept), token=token)
     except RelayRefused as e:

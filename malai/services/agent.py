@@ -31,8 +31,7 @@ class MachineAgent(Service):
 
     @property
     def manager(self) -> str:
-        e = self.cluster.entry
-        return e.info.manager_id52 if e.info is not None else e.machine.manager.id52
+        return self.cluster.manager_id52()
 
     @property
     def link(self):

@@ -132,10 +132,14 @@ class ClusterService(MultiService):
                                              why=f.getErrorMessage()))
 
     def manager_id52(self) -> Optional[str]:
+        """The cluster manager's ID52: ours on the manager, else from cluster-info.toml (the trust
+        anchor a machine was set up with), else from the pushed config."""
         e = self.entry
-        if e.machine is not None:
-            return e.machine.manager.id52
-        return e.info.manager_id52 if e.info is not None else None
+        if e.cluster is not None:
+            return e.cluster.manager.id52
+        if e.info is not None:
+            return e.info.manager_id52
+        return e.machine.manager.id52 if e.machine is not None else None
 
     # -- who this cluster talks to -------------------------------------------
     def peers(self) -> FrozenSet[str]:
@@ -188,10 +192,7 @@ class ClusterService(MultiService):
         if e.machine is not None and name in e.machine.directory:
             return e.machine.directory[name].id52
         if name in ("manager", "cm"):
-            if e.cluster is not None:
-                return e.cluster.manager.id52
-            if e.info is not None:
-                return e.info.manager_id52
+            return self.manager_id52()
         return None
 
     def target(self, peer: str) -> str:
@@ -210,7 +211,7 @@ class ClusterService(MultiService):
     def name_of(self, id52: str) -> str:
         """A peer's machine name in this cluster (``manager`` for the manager), else its ID52."""
         e = self.entry
-        if id52 == self.manager_id52() or (e.cluster is not None and id52 == e.cluster.manager.id52):
+        if id52 == self.manager_id52():
             return "manager"
         if e.cluster is not None:
             machine = e.cluster.machine_by_id52(id52)

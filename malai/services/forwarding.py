@@ -19,7 +19,7 @@ from malai.config.device import check_remote
 from malai.config.models import DeviceConfig, TcpForward
 from malai.errors import MalaiError
 from malai.peer.commands import NotAllowed, OpenStream, UpstreamFailed
-from malai.peer.relay import LinkEnd, Relay
+from malai.peer.relay import LinkEnd, PlainEnd, Relay
 from malai.peer.splice import SwitchTo
 from malai.services.listening import ListeningService
 from malai.services.report import Report, change
@@ -90,7 +90,7 @@ class _ForwardFactory(Factory):
         self.active: Set[Relay] = set()
         self.total = 0
 
-    def buildProtocol(self, addr) -> Relay:
+    def buildProtocol(self, addr) -> PlainEnd:
         relay = Relay(f"tcp.{self.forward.name} ({addr.host}:{addr.port} → {self.remote})", self._open)
         return relay.plain
 
