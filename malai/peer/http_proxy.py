@@ -169,10 +169,16 @@ class HttpSession(Protocol):
     def connectionLost(self, reason=None) -> None:
         self.connected = False
         self._cancel_timer()
-        if self.upstream is not None:
-            upstream, self.upstream = self.upstream, None
+        self._abandon_upstream()
+
+    def _abandon_upstream(self) -> None:
+        """Drop the upstream of an exchange cut short: it cannot be reused."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            if self.connected:
+                self._unjoin(upstream)
             upstream.session = None
-            upstream.transport.abortConnection()  # mid-exchange: not reusable
+            upstream.transport.abortConnection()
 
     def write_raw(self, data: bytes) -> None:
         self.transport.write(frames.encode(frames.DATA, data))
@@ -287,11 +293,7 @@ class HttpSession(Protocol):
         self._upstream_failed(f"the upstream closed the connection: {reason.getErrorMessage()}")
 
     def _upstream_failed(self, why: str) -> None:
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:
-            self._unjoin(upstream)
-            upstream.session = None
-            upstream.transport.abortConnection()
+        self._abandon_upstream()
         if not self.responded:
             self._error(502, why)
         else:  # mid-response: the caller's connection cannot carry an error any more
@@ -344,11 +346,7 @@ class HttpSession(Protocol):
 
     def _timed_out(self) -> None:
         self.timer = None
-        upstream, self.upstream = self.upstream, None
-        if upstream is not None:
-            self._unjoin(upstream)
-            upstream.session = None
-            upstream.transport.abortConnection()
+        self._abandon_upstream()
         self._error(504, f"the upstream of http service {self.service.name} did not answer within "
                          f"{self.service.timeout} s")
 
