@@ -30,6 +30,12 @@ class ControlProtocol(QuietAMP):
     def __init__(self, root):
         super().__init__()
         self.root = root
+        self._exec_link = None  # the link an Exec in flight asked to run a command
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        if self._exec_link is not None:  # the caller left: the machine kills what it started
+            self._exec_link.transport.loseConnection()
 
     @Status.responder
     def status(self) -> dict:
@@ -91,7 +97,11 @@ class ControlProtocol(QuietAMP):
             link = yield self.root.streams.take(svc.identity, peer)
         except Exception as e:
             raise Unreachable(f"cannot reach {machine}.{cluster}: {_text(e)}") from None
+        if self.transport is None:  # the caller left while the link was dialed
+            link.transport.loseConnection()
+            return None
         ours, theirs, factory = splice_pair()
+        self._exec_link = link
         try:
             yield link.callRemote(OpenExec, _protoToSwitchToFactory=factory, argv=argv, tty=tty, term=term,
                                   rows=rows, cols=cols, timeout=timeout)
@@ -103,6 +113,10 @@ class ControlProtocol(QuietAMP):
             raise ControlFailed(str(e)) from None
         except Exception as e:
             raise Unreachable(f"{machine}.{cluster} dropped the link: {_text(e)}") from None
+        finally:
+            self._exec_link = None
+        if self.transport is None:  # the caller left while the machine started the command
+            link.transport.loseConnection()
         return ours
 
     @Machines.responder
