@@ -1,15 +1,19 @@
 """The control socket under callers who leave early, big answers, crowds and huge boxes: real daemons."""
 
+import json
 import os
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from malai.ampbox import encode_box
-from tests.helpers import LoopbackCluster, run_malai, wait_for
+from tests.helpers import MALAI, LoopbackCluster, run_malai, short_home, wait_for
 
 
 def children(pid: int) -> list:
@@ -75,3 +79,75 @@ class ExecThroughControlTests(TestCase):
             wait_for(lambda: all(fds(pid) <= count for pid, count in before.items()), 10, "descriptors")
         except AssertionError:
             self.fail(f"descriptors before {before}, now {({pid: fds(pid) for pid in before})}")
+
+
+class _Cluster:
+    def __init__(self, machines):
+        self.machines = machines
+
+    def exec_targets(self):
+        return self.machines
+
+
+class _Root:
+    """What the control socket asks of the daemon, for a manager of ``n`` machines that never answered."""
+
+    def __init__(self, n: int):
+        self.names = [f"machine-{i:05d}" for i in range(n)]
+
+    def status(self) -> dict:
+        error = "no known address for " + "x" * 52 + ": add addrs to the config or pass --addr"
+        sync = [{"machine": m, "version": 0, "sync": "error", "last_seen": 0.0, "error": error}
+                for m in self.names]
+        links = [{"peer": "p" * 52, "path": "tcp:127.0.0.1:7420"} for _ in self.names]
+        cluster = {"cluster": "company", "role": "manager", "id52": "c" * 52, "machines": len(self.names),
+                   "waiting_for_config": False, "config_version": 1, "links": len(links), "peer_links": links,
+                   "sync": sync}
+        return {"pid": os.getpid(), "version": "0", "uptime": 1.0, "listen": ["tcp:127.0.0.1:7420"],
+                "clusters": [cluster], "forwards": [], "http_urls": [], "relay_active": 0, "relay_total": 0,
+                "relay_bytes": 0, "tor": "off", "onions": []}
+
+    def cluster(self, alias):
+        return _Cluster(self.names)
+
+
+class BigAnswerTests(TestCase):
+    """Answers far past one AMP value's 64 KiB, read by the real CLI (#22 item 3): this process holds
+    the daemon lock and serves the control socket with a stand-in for the daemon's state."""
+
+    def serve(self, n: int) -> Path:
+        from twisted.internet import reactor
+
+        from malai.control.server import ControlFactory
+        from malai.lock import DaemonLock
+
+        home = short_home(self)
+        lock = DaemonLock(home / "malai.lock")
+        lock.acquire()
+        self.addCleanup(lock.release)
+        port = reactor.listenUNIX(str(home / "malai.socket"), ControlFactory(_Root(n)), mode=0o600)
+        self.addCleanup(port.stopListening)
+        return home
+
+    @inlineCallbacks
+    def test_status_of_2000_machines(self):
+        home = self.serve(2000)
+        out, err, code = yield getProcessOutputAndValue(MALAI, ("status", "--json"), env=_env(home))
+        self.assertEqual(code, 0, out + err)
+        [cluster] = json.loads(out)["clusters"]
+        self.assertEqual([m["machine"] for m in cluster["sync"]], _Root(2000).names)
+        self.assertEqual(len(cluster["peer_links"]), 2000)
+        self.assertEqual(cluster["sync"][-1]["error"], _Root(1).status()["clusters"][0]["sync"][0]["error"])
+
+    @inlineCallbacks
+    def test_machines_of_a_big_cluster(self):
+        """The stdlib client of fan-out reads a list of machines in several values."""
+        home = self.serve(10000)
+        script = ("import sys; from pathlib import Path; from malai.cli.remote import machines_of; "
+                  "print(len(machines_of(Path(sys.argv[1]), 'company')))")
+        out, err, code = yield getProcessOutputAndValue(sys.executable, ("-c", script, str(home)), env=_env(home))
+        self.assertEqual((code, out), (0, b"10000\n"), err)
+
+
+def _env(home: Path) -> dict:
+    return dict(os.environ, MALAI_HOME=str(home))

@@ -362,7 +362,10 @@ def machines_of(home: Path, cluster: str) -> List[str]:
             helper.wait()
     if b"_error" in answer:
         raise LookupError(answer.get(b"_error_description", b"").decode())
-    data, names = answer[b"machines"], []
+    data, part, names = answer[b"machines"], 2, []
+    while b"machines.%d" % part in answer:  # a long list comes in several values (control.commands.Chunked)
+        data += answer[b"machines.%d" % part]
+        part += 1
     while data:
         (n,) = struct.unpack_from(">H", data)
         names.append(data[2:2 + n].decode())

@@ -4,8 +4,42 @@ from twisted.protocols import amp
 
 from malai.peer.commands import EXEC_ARGUMENTS
 
-__all__ = ["ControlFailed", "Exec", "ExecDenied", "Machines", "Ping", "Rescan", "Status", "Stop", "UnknownTarget",
-           "Unreachable"]
+__all__ = ["Chunked", "ControlFailed", "Exec", "ExecDenied", "Machines", "Ping", "Rescan", "Status", "Stop",
+           "UnknownTarget", "Unreachable"]
+
+CHUNK = 0xFFFF  # the most one AMP value holds
+
+
+class Chunked(amp.Argument):
+    """``inner``'s encoding split over as many values as it needs: ``name``, ``name.2``, ``name.3``…
+
+    For answers that grow with the cluster (a status of thousands of machines)."""
+
+    def __init__(self, inner: amp.Argument):
+        super().__init__(inner.optional)
+        self.inner = inner
+
+    def toBox(self, name: bytes, strings, objects, proto) -> None:
+        whole: dict = {}
+        self.inner.toBox(name, whole, objects, proto)
+        data = whole.get(name)
+        if data is not None:
+            for n, start in enumerate(range(0, max(len(data), 1), CHUNK), 1):
+                strings[chunk_key(name, n)] = data[start:start + CHUNK]
+
+    def fromBox(self, name: bytes, strings, objects, proto) -> None:
+        parts, n = [], 1
+        while chunk_key(name, n) in strings:
+            parts.append(strings.pop(chunk_key(name, n)))
+            n += 1
+        if parts:
+            strings[name] = b"".join(parts)
+        self.inner.fromBox(name, strings, objects, proto)
+
+
+def chunk_key(name: bytes, n: int) -> bytes:
+    """The key of the ``n``-th value (from 1) of a ``Chunked`` argument."""
+    return name if n == 1 else b"%s.%d" % (name, n)
 
 
 class ControlFailed(Exception):
@@ -30,8 +64,8 @@ class Status(amp.Command):
         (b"pid", amp.Integer()),
         (b"version", amp.Unicode()),
         (b"uptime", amp.Float()),
-        (b"listen", amp.ListOf(amp.Unicode())),
-        (b"clusters", amp.AmpList([
+        (b"listen", Chunked(amp.ListOf(amp.Unicode()))),
+        (b"clusters", Chunked(amp.AmpList([
             (b"cluster", amp.Unicode()),
             (b"role", amp.Unicode()),
             (b"id52", amp.Unicode()),
@@ -39,39 +73,39 @@ class Status(amp.Command):
             (b"waiting_for_config", amp.Boolean()),
             (b"config_version", amp.Integer()),
             (b"links", amp.Integer()),
-            (b"peer_links", amp.AmpList([(b"peer", amp.Unicode()), (b"path", amp.Unicode())])),
-            (b"sync", amp.AmpList([
+            (b"peer_links", Chunked(amp.AmpList([(b"peer", amp.Unicode()), (b"path", amp.Unicode())]))),
+            (b"sync", Chunked(amp.AmpList([
                 (b"machine", amp.Unicode()),
                 (b"version", amp.Integer()),
                 (b"sync", amp.Unicode()),
                 (b"last_seen", amp.Float()),
                 (b"error", amp.Unicode()),
-            ])),
-        ])),
-        (b"forwards", amp.AmpList([
+            ]))),
+        ]))),
+        (b"forwards", Chunked(amp.AmpList([
             (b"name", amp.Unicode()),
             (b"local", amp.Unicode()),
             (b"remote", amp.Unicode()),
             (b"active", amp.Integer()),
             (b"total", amp.Integer()),
-        ])),
+        ]))),
         (b"http", amp.Unicode(optional=True)),  # where the HTTP front listens
-        (b"http_urls", amp.ListOf(amp.Unicode())),
+        (b"http_urls", Chunked(amp.ListOf(amp.Unicode()))),
         (b"relay_active", amp.Integer()),  # streams this daemon relays for others (a manager)
         (b"relay_total", amp.Integer()),
         (b"relay_bytes", amp.Integer()),
         (b"tor", amp.Unicode()),  # off, connecting, running, failed: …
-        (b"onions", amp.ListOf(amp.Unicode())),  # the onion services up, one per identity
+        (b"onions", Chunked(amp.ListOf(amp.Unicode()))),  # the onion services up, one per identity
     ]
 
 
 class Rescan(amp.Command):
     arguments = [(b"cluster", amp.Unicode(optional=True)), (b"check", amp.Boolean())]
-    response = [(b"reports", amp.AmpList([
+    response = [(b"reports", Chunked(amp.AmpList([
         (b"cluster", amp.Unicode()),
         (b"action", amp.Unicode()),
-        (b"problems", amp.ListOf(amp.Unicode())),
-    ]))]
+        (b"problems", Chunked(amp.ListOf(amp.Unicode()))),
+    ])))]
     errors = {ControlFailed: b"CONTROL_FAILED"}
 
 
@@ -107,5 +141,5 @@ class Machines(amp.Command):
     """The machines of a cluster this device may run commands on (for fan-out)."""
 
     arguments = [(b"cluster", amp.Unicode())]
-    response = [(b"machines", amp.ListOf(amp.Unicode()))]
+    response = [(b"machines", Chunked(amp.ListOf(amp.Unicode())))]  # read by malai/cli/remote.py too
     errors = {UnknownTarget: b"UNKNOWN"}
