@@ -7,6 +7,8 @@ GET /bytes/N        N bytes, streamed with a Content-Length
 GET /chunked        three parts, chunked, a pause between them
 GET /slow           answers after 3 s
 POST|PUT /digest    reads the body as it comes (Content-Length or chunked): "<sha256> <length>"
+POST /naive         reads Content-Length bytes of body and ignores Transfer-Encoding, as a naive app would
+GET /seen           every request served so far, as a JSON list of {"path", "headers"}
 """
 
 import hashlib
@@ -17,6 +19,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CHUNK = b"z" * (1 << 16)
+SEEN = []  # every request served: what a smuggled request would leave behind
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -32,8 +35,16 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def parse_request(self):
+        ok = super().parse_request()
+        if ok and self.path != "/seen":
+            SEEN.append({"path": self.path, "headers": [[k.lower(), v] for k, v in self.headers.items()]})
+        return ok
+
     def do_GET(self):
-        if self.path == "/headers":
+        if self.path == "/seen":
+            self._send(json.dumps(SEEN).encode(), kind="application/json")
+        elif self.path == "/headers":
             self._send(json.dumps([[k.lower(), v] for k, v in self.headers.items()]).encode(), kind="application/json")
         elif self.path.startswith("/bytes/"):
             n = int(self.path.split("/")[2])
@@ -79,6 +90,10 @@ class Handler(BaseHTTPRequestHandler):
             yield data
 
     def do_POST(self):
+        if self.path.startswith("/naive"):
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self._send(b"naive\n")
+            return
         digest, length = hashlib.sha256(), 0
         for data in self._body():
             digest.update(data)

@@ -150,7 +150,7 @@ class HttpForwardTests(TestCase):
         self.assertIn(f"http://admin.company.localhost:{self.front['laptop']}/".encode(), body)
         status, body = self.curl("/", who="intruder", service="admin.web01.company")
         self.assertEqual(status, 403)
-        self.assertIn(b"machine.web01.http.admin.allow_from", body)
+        self.assertIn(b"web01.company does not let this device use http service admin", body)
         status, body = self.curl("/", service="down.company")
         self.assertEqual(status, 502)
         self.assertIn(b"not answering", body)

@@ -6,6 +6,11 @@ with h11, sends each request to the upstream over a connection from
 ``UpstreamPool`` (keep-alive), and streams bodies both ways: each transport
 is the other's producer while an exchange runs, so nothing is held whole.
 An ``Upgrade`` answered with 101 (WebSocket) turns the rest into a tunnel.
+
+What a caller can make it hold is bounded: a request head is at most
+``MAX_HEAD`` and must be complete within ``HEAD_TIMEOUT`` of the connection
+falling idle, and pipelined requests wait in the socket (the link stops
+being read) until the one before them is answered.
 """
 
 import time
@@ -23,7 +28,7 @@ from malai import frames
 from malai.audit import AuditLog
 from malai.config.models import HttpService
 from malai.p2p.link import no_delay
-from malai.peer.http_headers import Caller, request_headers, response_headers
+from malai.peer.http_headers import HEAD_TIMEOUT, MAX_HEAD, Caller, framing_problem, request_headers, response_headers
 from malai.peer.upstream import CONNECT_TIMEOUT, connect_quietly
 
 __all__ = ["HttpSession", "UpstreamPool"]
@@ -38,7 +43,7 @@ class Upstream(Protocol):
 
     def __init__(self, key: Key):
         self.key = key
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.session: Optional["HttpSession"] = None
         self.idle_timer = None
 
@@ -67,7 +72,9 @@ class Upstream(Protocol):
             self.transport.write(data)
 
     def reusable(self) -> bool:
-        return (self.connected and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE)
+        """Done with one exchange and nothing more said: bytes past a response would answer the next caller."""
+        return (self.connected and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+                and not self.h11.trailing_data[0])
 
 
 class UpstreamPool:
@@ -120,6 +127,7 @@ class HttpSession(Protocol):
     """The link of one HTTP connection from a caller, after ``OpenStream http``."""
 
     log = Logger()
+    head_timeout = HEAD_TIMEOUT
 
     def __init__(self, reactor, service: HttpService, caller: Caller, pool: UpstreamPool, audit: AuditLog,
                  rule: str):
@@ -130,7 +138,7 @@ class HttpSession(Protocol):
         self.audit = audit
         self.rule = rule
         self.parser = frames.FrameParser()
-        self.h11 = h11.Connection(h11.SERVER)
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.upstream: Optional[Upstream] = None
         self.host: Optional[bytes] = None  # the Host of the first request: this link serves that one
         self.request: Optional[h11.Request] = None
@@ -143,6 +151,9 @@ class HttpSession(Protocol):
         self.status = 0
 
     # -- the link ---------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self._arm(self.head_timeout, self._head_timed_out)
+
     def dataReceived(self, data: bytes) -> None:
         try:
             for kind, payload in self.parser.feed(data):
@@ -196,15 +207,18 @@ class HttpSession(Protocol):
             except h11.RemoteProtocolError as e:
                 self._error(e.error_status_hint, f"bad request: {e}")
                 return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:  # a pipelined request: it waits in the socket, not here
+                self.transport.pauseProducing()
                 return
             if isinstance(event, h11.Request):
                 self._request(event)
             elif isinstance(event, (h11.Data, h11.EndOfMessage)):
                 if self.upstream is not None:
                     self.upstream.send(event)
-                    if isinstance(event, h11.EndOfMessage):
-                        self._start_timer()
+                    if isinstance(event, h11.EndOfMessage) and not self.responded:
+                        self._arm(self.service.timeout, self._timed_out)
                 else:  # the rest of a body the upstream answered before reading
                     self._next_cycle()
             elif isinstance(event, h11.ConnectionClosed):
@@ -215,13 +229,18 @@ class HttpSession(Protocol):
                 return
 
     def _request(self, request: h11.Request) -> None:
+        self._cancel_timer()
+        self.request = request
+        problem = framing_problem(list(request.headers))
+        if problem is not None:
+            self._error(400, problem)
+            return
         host = dict(request.headers).get(b"host", b"")
         if self.host is None:
             self.host = host
         elif host.lower() != self.host.lower():
             self._error(421, f"this connection serves {self.host.decode()}; open a new one for {host.decode()}")
             return
-        self.request = request
         self.responded = False
         self.started = time.monotonic()
         self.waiting = True
@@ -249,8 +268,8 @@ class HttpSession(Protocol):
         self.waiting = False
         if self.connected:
             self.transport.resumeProducing()
-            self._error(502, f"the upstream {self.service.host}:{self.service.port} of http service "
-                             f"{self.service.name} is not answering: {failure.getErrorMessage()}")
+            self._error(502, f"the upstream of http service {self.service.name} is not answering",
+                        f"{self.service.host}:{self.service.port}: {failure.getErrorMessage()}")
 
     # -- upstream → caller ----------------------------------------------------------
     def upstream_events(self) -> None:
@@ -259,7 +278,7 @@ class HttpSession(Protocol):
             try:
                 event = upstream.h11.next_event()
             except h11.RemoteProtocolError as e:
-                self._upstream_failed(f"the upstream answered with broken HTTP: {e}")
+                self._upstream_failed("the upstream answered with broken HTTP", str(e))
                 return
             if event is h11.NEED_DATA:
                 return
@@ -290,14 +309,14 @@ class HttpSession(Protocol):
             self.transport.write(frames.encode(frames.EOF))
             self.transport.loseConnection()
             return
-        self._upstream_failed(f"the upstream closed the connection: {reason.getErrorMessage()}")
+        self._upstream_failed("the upstream closed the connection", reason.getErrorMessage())
 
-    def _upstream_failed(self, why: str) -> None:
+    def _upstream_failed(self, why: str, detail: str) -> None:
         self._abandon_upstream()
         if not self.responded:
-            self._error(502, why)
+            self._error(502, why, detail)
         else:  # mid-response: the caller's connection cannot carry an error any more
-            self.log.warn("{service}: {why}", service=self.service.name, why=why)
+            self.log.warn("{service}: {why}: {detail}", service=self.service.name, why=why, detail=detail)
             self.transport.loseConnection()
 
     def _exchange_done(self) -> None:
@@ -308,11 +327,13 @@ class HttpSession(Protocol):
         if self.caller_closed or h11.MUST_CLOSE in (self.h11.our_state, self.h11.their_state):
             self._close()
             return
+        self._arm(self.head_timeout, self._head_timed_out)  # for the rest of a body, then the next head
         self._next_cycle()
 
     def _next_cycle(self) -> None:
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
+            self.transport.resumeProducing()
             self.caller_events()  # a pipelined request may be waiting
 
     def _unjoin(self, upstream: Upstream) -> None:
@@ -324,7 +345,8 @@ class HttpSession(Protocol):
             self.transport.resumeProducing()
 
     def _open_tunnel(self) -> None:
-        """101 Switching Protocols: from here on, bytes pass as they are."""
+        """101 Switching Protocols: from here on, bytes pass as they are, for as long as both ends like."""
+        self._cancel_timer()
         self.tunnel = True
         self._audit(101)
         caller_rest, _ = self.h11.trailing_data
@@ -333,11 +355,13 @@ class HttpSession(Protocol):
             self.write_raw(upstream_rest)
         if caller_rest:
             self.upstream.transport.write(caller_rest)
+        self.transport.resumeProducing()  # paused while the upgrade was pending
 
     # -- errors and timeouts ------------------------------------------------------
-    def _start_timer(self) -> None:
+    def _arm(self, seconds: float, expired) -> None:
+        """One timer at a time: for the next request head, then for the upstream's answer."""
         self._cancel_timer()
-        self.timer = self.reactor.callLater(self.service.timeout, self._timed_out)
+        self.timer = self.reactor.callLater(seconds, expired)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -350,11 +374,21 @@ class HttpSession(Protocol):
         self._error(504, f"the upstream of http service {self.service.name} did not answer within "
                          f"{self.service.timeout} s")
 
-    def _error(self, status: int, why: str) -> None:
-        """Answer with ``status`` and ``why`` when nothing was sent yet, then close."""
+    def _head_timed_out(self) -> None:
+        """No complete request head in time: an idle connection just closes, a partial head gets a 408."""
+        self.timer = None
+        if self.h11.their_state is h11.IDLE and not self.h11.trailing_data[0]:
+            self._close()
+        else:
+            self._error(408, f"no complete request within {self.head_timeout:g} s")
+
+    def _error(self, status: int, why: str, detail: str = "") -> None:
+        """Answer with ``status`` and ``why`` when nothing was sent yet, then close; ``detail`` is for
+        the log and the audit only."""
+        full = f"{why}: {detail}" if detail else why
         self.log.warn("{service} for {caller}: {status} {why}", service=self.service.name,
-                      caller=self.caller.name or self.caller.id52, status=status, why=why)
-        self._audit(status, why)
+                      caller=self.caller.name or self.caller.id52, status=status, why=full)
+        self._audit(status, full)
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             body = f"{status} {_REASONS.get(status, '')}\n\nmalai: {why}\n".encode()
             try:
@@ -381,5 +415,5 @@ class HttpSession(Protocol):
                           duration=round(time.monotonic() - self.started, 3), **({"error": error} if error else {}))
 
 
-_REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 421: "Misdirected Request",
+_REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 408: "Request Timeout", 421: "Misdirected Request",
             431: "Request Header Fields Too Large", 502: "Bad Gateway", 504: "Gateway Timeout"}

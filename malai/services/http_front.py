@@ -5,6 +5,9 @@ A browser connection is read up to the end of its first request head; the
 relayed as it is over a peer link of its own (``OpenStream http``). The
 machine parses every request, so a later request on the same connection for
 another host gets a 421 and the browser opens a new connection for it.
+
+A connection must bring its first head (at most ``MAX_HEAD``) within
+``HEAD_TIMEOUT``; one that ends before that is closed at once.
 """
 
 import html
@@ -12,16 +15,17 @@ from typing import List, Optional, Tuple
 
 import h11
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from malai.errors import MalaiError
+from malai.peer.http_headers import HEAD_TIMEOUT, MAX_HEAD, framing_problem
 from malai.peer.relay import PlainEnd, Relay
 from malai.services.forwarding import ServiceAddress, StreamDenied, open_stream
 from malai.services.listening import ListeningService
 
 __all__ = ["HttpFront", "resolve_host"]
 
-MAX_HEAD = 64 * 1024
 SUFFIX = ".localhost"
 
 
@@ -60,10 +64,12 @@ class _FrontEnd(PlainEnd):
     def __init__(self, relay: Relay):
         super().__init__(relay)
         self.head = b""
-        self.routed = False
+        self.routed = False  # or answered: the front reads no more heads of its own
+        self.deadline = None
 
     def connectionMade(self) -> None:
-        pass  # the relay joins once the first request is routed
+        # the relay joins once the first request is routed
+        self.deadline = self.front.context.reactor.callLater(self.front.head_timeout, self._head_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
         if self.routed:
@@ -72,15 +78,40 @@ class _FrontEnd(PlainEnd):
         self.head += data
         if b"\r\n\r\n" not in self.head:
             if len(self.head) > MAX_HEAD:
-                self.routed = True
+                self._answered()
                 self.front.page(self, 431, "Request Header Fields Too Large", "the request head is too large")
             return
-        self.routed = True
+        self._answered()
         self.front.route(self, self.head)
+
+    def _answered(self) -> None:
+        self.routed = True
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+
+    def _head_timed_out(self) -> None:
+        self.routed = True
+        if self.head:
+            self.front.page(self, 408, "Request Timeout", f"no complete request within {self.front.head_timeout:g} s")
+        else:  # an idle connection (a browser's spare one): nothing to explain
+            self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        if self.routed:
+            super().readConnectionLost()  # the EOF goes on to the machine
+        else:  # no request can come any more
+            self._answered()
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        self._answered()
+        super().connectionLost(reason)
 
 
 class _FrontFactory(Factory):
+    log = Logger()
     noisy = False
+    head_timeout = HEAD_TIMEOUT
 
     def __init__(self, context, front: "HttpFront"):
         self.context = context
@@ -92,12 +123,16 @@ class _FrontFactory(Factory):
         return end
 
     def route(self, end: _FrontEnd, head: bytes) -> None:
-        parser = h11.Connection(h11.SERVER)
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         parser.receive_data(head)
         try:
             request = parser.next_event()
         except h11.RemoteProtocolError as e:
             self.page(end, 400, "Bad Request", f"malai could not read this request: {e}")
+            return
+        problem = framing_problem(list(request.headers))
+        if problem is not None:
+            self.page(end, 400, "Bad Request", problem)
             return
         host = dict(request.headers).get(b"host", b"").decode("ascii", "replace")
         remote, why = resolve_host(self.context, host)
@@ -113,11 +148,15 @@ class _FrontFactory(Factory):
 
     def _failed(self, failure: Failure, end: _FrontEnd, remote: ServiceAddress) -> None:
         error = failure.value
-        if isinstance(error, StreamDenied):
-            self.page(end, 403, "Forbidden", str(error))
+        machine = f"{remote.machine}.{remote.cluster}"
+        if isinstance(error, StreamDenied):  # the rule and whom it names stay in the logs
+            self.log.info("{label}: {error}", label=end.relay.label, error=error)
+            self.page(end, 403, "Forbidden", f"{machine} does not let this device use http service {remote.service}")
+        elif isinstance(error, MalaiError):
+            self.page(end, 502, "Bad Gateway", f"cannot reach {machine}: {error}")
         else:
-            why = str(error) if isinstance(error, MalaiError) else f"{type(error).__name__}: {error}"
-            self.page(end, 502, "Bad Gateway", f"cannot reach {remote.machine}.{remote.cluster}: {why}")
+            self.log.failure("{label}", failure, label=end.relay.label)
+            self.page(end, 502, "Bad Gateway", f"cannot reach {machine}")
 
     def page(self, end: _FrontEnd, status: int, title: str, why: str, listing: bool = False) -> None:
         """Answer with an explanation (and, for a 404, what this device may reach), then close."""
