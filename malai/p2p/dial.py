@@ -6,6 +6,7 @@ another, ``stagger`` seconds apart, keeps the first verified link and cancels
 the rest; a wrong key ends the race at once.
 """
 
+from ipaddress import ip_address
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -21,8 +22,11 @@ from malai.p2p.link import WrongPeer, connect_verified
 from malai.p2p.onion import ONION_PORT, onion_address
 from malai.p2p.tls import PeerTLS
 
-__all__ = ["AddressBook", "DialError", "Dialer", "HINT_KINDS", "advertised_hint", "hint_endpoint", "hint_kind",
-           "normalize_hint"]
+__all__ = ["AddressBook", "DialError", "Dialer", "HINT_KINDS", "MAX_LEARNT", "advertised_hint", "hint_endpoint",
+           "hint_kind", "normalize_hint"]
+
+#: Hints kept per peer, of each kind learnt at run time (that worked; that the peer advertised).
+MAX_LEARNT = 8
 
 
 class DialError(MalaiError):
@@ -65,29 +69,67 @@ def hint_endpoint(reactor, hint: str, timeout: float) -> IStreamClientEndpoint:
 
 
 class AddressBook:
-    """Known hints per ID52: from config and from what was learnt at run time."""
+    """Known hints per ID52, tried in this order: hints that just worked, hints from config,
+    hints the peer advertised in ``Hello``."""
 
     def __init__(self) -> None:
         self._configured: Dict[str, Tuple[str, ...]] = {}
-        self._learnt: Dict[str, List[str]] = {}
+        self._worked: Dict[str, List[str]] = {}
+        self._advertised: Dict[str, List[str]] = {}
 
     def configure(self, id52: str, hints: Iterable[str]) -> None:
         self._configured[id52] = tuple(normalize_hint(h) for h in hints)
 
     def learn(self, id52: str, hint: str) -> None:
-        """A hint that just worked, or that the peer or the CM told us: tried first."""
+        """A hint a verified link to ``id52`` just came through: tried first (the last ``MAX_LEARNT``)."""
         hint = normalize_hint(hint)
-        learnt = self._learnt.setdefault(id52, [])
-        if hint in learnt:
-            learnt.remove(hint)
-        learnt.insert(0, hint)
+        worked = self._worked.setdefault(id52, [])
+        if hint in worked:
+            worked.remove(hint)
+        worked.insert(0, hint)
+        del worked[MAX_LEARNT:]
+
+    def advertise(self, id52: str, listens: Iterable[str], observed_host: str) -> List[str]:
+        """Take where a peer says it listens (``HOST:PORT``, the wildcard host meaning the host its
+        link came from), replacing what it said before; return the hints kept.
+
+        Kept: hints configured for the peer, and ``tcp`` hints on ``observed_host`` (the host the
+        link came from), at most ``MAX_LEARNT``; never another host, so a peer cannot make us
+        dial anywhere else (a cloud metadata address, an internal service)."""
+        configured = self._configured.get(id52, ())
+        kept: List[str] = []
+        for listen in listens:
+            hint = advertised_hint(listen, observed_host)
+            if hint not in kept and (hint in configured or _on_host(hint, observed_host)):
+                kept.append(hint)
+                if len(kept) == MAX_LEARNT:
+                    break
+        self._advertised[id52] = kept
+        return kept
 
     def hints(self, id52: str) -> List[str]:
         out: List[str] = []
-        for hint in (*self._learnt.get(id52, ()), *self._configured.get(id52, ())):
+        for hint in (*self._worked.get(id52, ()), *self._configured.get(id52, ()), *self._advertised.get(id52, ())):
             if hint not in out:
                 out.append(hint)
         return out
+
+
+def _on_host(hint: str, host: str) -> bool:
+    """Whether ``hint`` is ``tcp:HOST:PORT`` with a valid port on ``host`` (an IP address)."""
+    kind, _, rest = hint.partition(":")
+    hint_host, _, port = rest.rpartition(":")
+    if kind != "tcp" or not port.isdigit() or not 0 < int(port) < 65536:
+        return False
+    try:
+        return _ip(hint_host.strip("[]")) == _ip(host)
+    except ValueError:
+        return False
+
+
+def _ip(text: str):
+    address = ip_address(text)
+    return getattr(address, "ipv4_mapped", None) or address  # ::ffff:192.0.2.5 is 192.0.2.5
 
 
 class Dialer:

@@ -23,6 +23,7 @@ from malai.peer.commands import (
     PutConfig,
     RelayAttach,
     RelayOpen,
+    RelayRefused,
     RelayRequest,
     StaleBase,
 )
@@ -115,12 +116,26 @@ class ClusterResponder(amp.CommandLocator):
         return HttpSession(cluster.daemon.reactor, target, who, cluster.daemon.http_upstreams, cluster.audit,
                            str(decision))
 
+    _relay_asked = False  # a link asks for one relayed stream (RelayOpen or RelayAttach), once
+
+    def _relay_once(self) -> None:
+        if self._relay_asked:
+            raise RelayRefused("this link already asked for a relayed stream; open a link per stream")
+        self._relay_asked = True
+
     @RelayOpen.responder
     def relay_open(self, target):
-        return self.cluster.relay_open(self.peer.peer, target)
+        cluster, caller = self.cluster, self.peer.peer
+        if caller not in cluster.members() and caller != cluster.manager_id52():
+            self.log.warn("{cluster}: refused to relay for {caller}: not a member", cluster=cluster.name,
+                          caller=caller)
+            raise RelayRefused("only members of this cluster may use its relay")
+        self._relay_once()
+        return cluster.relay_open(caller, target)
 
     @RelayAttach.responder
     def relay_attach(self, token):
+        self._relay_once()
         return self.cluster.relayer().attach(token, self.peer.peer)
 
     @RelayRequest.responder

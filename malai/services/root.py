@@ -17,7 +17,7 @@ from malai.config.models import TorSettings
 from malai.errors import MalaiError
 from malai.home import ClusterEntry, Home
 from malai.lock import DaemonLock
-from malai.p2p.dial import AddressBook, Dialer, advertised_hint
+from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.link import PeerAddress, server_factory
 from malai.p2p.tls import PeerTLS
 from malai.peer.http_proxy import UpstreamPool
@@ -170,9 +170,7 @@ class MalaiService(MultiService):
         """Reuse a link the peer opened, learn where it listens, tell its cluster."""
         self.pool.adopt(link)
         observed = getattr(link.peer.address, "host", "")
-        hints = [advertised_hint(listen, observed) for listen in hello.get("addrs", ())]
-        for hint in reversed(hints):
-            self.book.learn(link.peer.peer, hint)
+        hints = self.book.advertise(link.peer.peer, hello.get("addrs", ()), observed)
         cluster = self._cluster_for(link.peer.local)
         if cluster is not None:
             cluster.peer_connected(link.peer.peer, hints)
