@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench fuzz clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check malai tests bench twisted contrib
 	$(VENV)/bin/mypy
+
+# The fuzz tests of tests/test_fuzz.py with FUZZ_EXAMPLES inputs per format (see docs/security.md).
+FUZZ_EXAMPLES ?= 100000
+fuzz: $(STAMP)
+	MALAI_FUZZ=$(FUZZ_EXAMPLES) PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) tests/run.py tests.test_fuzz
 
 bench: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/run.py

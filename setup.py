@@ -16,6 +16,7 @@ setup(
         "automat>=24",
         "tomlkit>=0.12",
         "h11>=0.14",
+        "h2>=4.1",
         "txtorcon>=23",
     ],
     extras_require={

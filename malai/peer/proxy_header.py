@@ -53,6 +53,8 @@ def parse(data: bytes) -> Tuple[Optional[Tuple[str, int, str, int]], Dict[int, b
     size = {0x11: 4, 0x21: 16}.get(family)
     offset = 0
     if size is not None:
+        if len(body) < 2 * size + 4:
+            raise ValueError("PROXY protocol header too short for its addresses")
         src = ipaddress.ip_address(body[:size])
         dst = ipaddress.ip_address(body[size:2 * size])
         sport, dport = struct.unpack_from(">HH", body, 2 * size)
@@ -61,6 +63,8 @@ def parse(data: bytes) -> Tuple[Optional[Tuple[str, int, str, int]], Dict[int, b
     tlvs = {}
     while offset + 3 <= len(body):
         kind, tlv_length = struct.unpack_from(">BH", body, offset)
+        if offset + 3 + tlv_length > len(body):
+            raise ValueError("truncated PROXY protocol TLV")
         tlvs[kind] = body[offset + 3:offset + 3 + tlv_length]
         offset += 3 + tlv_length
     return addresses, tlvs, end
