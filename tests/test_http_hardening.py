@@ -418,6 +418,11 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(self.pool.upstreams, [])
         self.assertEqual(self.audit.records[0]["status"], 400)
 
+    def test_connect_is_refused(self):
+        self.send(b"CONNECT 10.0.0.1:22 HTTP/1.1\r\nhost: 10.0.0.1:22\r\n\r\n")
+        self.assertTrue(caller_bytes(self.link).startswith(b"HTTP/1.1 405 "))
+        self.assertEqual(self.pool.upstreams, [])
+
     def test_an_upstream_that_said_more_than_its_answer_is_not_reused(self):
         self.send(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
         [upstream] = self.pool.upstreams

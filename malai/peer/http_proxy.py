@@ -235,6 +235,9 @@ class HttpSession(Protocol):
         if problem is not None:
             self._error(400, problem)
             return
+        if request.method == b"CONNECT":  # a tunnel h11 would open on any 2xx, with no timer left to end it
+            self._error(405, "CONNECT is not forwarded; a tcp service carries a raw stream")
+            return
         host = dict(request.headers).get(b"host", b"")
         if self.host is None:
             self.host = host
@@ -415,5 +418,6 @@ class HttpSession(Protocol):
                           duration=round(time.monotonic() - self.started, 3), **({"error": error} if error else {}))
 
 
-_REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 408: "Request Timeout", 421: "Misdirected Request",
-            431: "Request Header Fields Too Large", 502: "Bad Gateway", 504: "Gateway Timeout"}
+_REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            421: "Misdirected Request", 431: "Request Header Fields Too Large", 501: "Not Implemented",
+            502: "Bad Gateway", 504: "Gateway Timeout"}
