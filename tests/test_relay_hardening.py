@@ -84,6 +84,16 @@ class RelayerLimits(SynchronousTestCase):
         self.assertIn("did not dial back", str(self.failureResultOf(d, RelayRefused).value))
         self.open(), self.open()  # the caller's pending slots are free again
 
+    def test_target_link_closing(self):
+        class Closing:
+            def callRemote(self, command, token):
+                raise amp.ProtocolSwitched("This connection has switched")
+
+        d = self.relayer.open(Closing(), "caller", "target")
+        self.assertIn("did not take the request", str(self.failureResultOf(d, RelayRefused).value))
+        self.open(), self.open()  # nothing left waiting
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+
     def test_stream_without_handshake_is_cut(self):
         end, caller_transport, target_transport = self.splice()
         self.clock.advance(HANDSHAKE_TIMEOUT - 1)

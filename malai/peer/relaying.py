@@ -15,7 +15,7 @@ import secrets
 from typing import Dict, Optional, Set
 
 import attrs
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -151,7 +151,7 @@ class Relayer:
         self._pending[token] = stream
         stream.timer = self.reactor.callLater(ATTACH_TIMEOUT, self._fail, token,
                                               f"the target did not dial back within {ATTACH_TIMEOUT:g}s")
-        asked = link_to_target.callRemote(RelayRequest, token=token)
+        asked = maybeDeferred(link_to_target.callRemote, RelayRequest, token=token)  # the link may be closing
         asked.addErrback(lambda f: self._fail(token, f"{target} did not take the request: {f.getErrorMessage()}"))
         log.info("relaying {caller} → {target}", caller=caller, target=target)
         return stream.attached
