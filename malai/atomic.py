@@ -3,10 +3,13 @@
 import contextlib
 import fcntl
 import os
+import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
-__all__ = ["locked", "write_atomic"]
+__all__ = ["locked", "remove_stale_temp_files", "write_atomic"]
+
+_TEMP = re.compile(r"\..+\.(\d+)\.tmp\Z")  # what write_atomic names its temp file: .NAME.PID.tmp
 
 
 @contextlib.contextmanager
@@ -28,7 +31,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, exclusive: bool = F
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # see _TEMP
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -52,3 +55,33 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, exclusive: bool = F
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def remove_stale_temp_files(folder: Path) -> List[Path]:
+    """Remove the temp files in ``folder`` that ``write_atomic`` left when its process was killed
+    (one whose process still runs may be at work); return them."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        m = _TEMP.match(name)
+        if m and not _alive(int(m.group(1))):
+            path = Path(folder) / name
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True

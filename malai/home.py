@@ -11,15 +11,16 @@ from typing import List, Optional, Tuple
 
 import attrs
 
+from malai.atomic import remove_stale_temp_files
 from malai.config import (
     ConfigError,
-    parse_cluster,
     parse_cluster_info,
     parse_device,
     parse_machine_config,
 )
 from malai.config.locate import KeyLocator
 from malai.config.models import ClusterConfig, ClusterInfo, DeviceConfig, MachineConfig
+from malai.config.store import KEY_FILE, check_manager_config, sha256_hex
 from malai.errors import MalaiError
 from malai.identity import Identity
 from malai.paths import default_home
@@ -42,6 +43,7 @@ class ClusterEntry:
     machine: Optional[MachineConfig] = None  # the machine's machine.toml (None: waiting)
     info: Optional[ClusterInfo] = None  # the machine's cluster-info.toml
     problems: Tuple[str, ...] = ()
+    sha256: str = ""  # of cluster.toml: a comment-only edit is a change too (it gets a version)
 
     @property
     def id52(self) -> Optional[str]:
@@ -86,9 +88,13 @@ class Home:
         return self.clusters / alias
 
     def ensure(self) -> None:
-        """Create the home (0700) and its clusters folder."""
+        """Create the home (0700) and its clusters folder; remove the temp files that writers
+        killed mid-write left there (the daemon calls this as it starts)."""
         self.clusters.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        for folder in [self.root, *self.clusters.iterdir(), *self.clusters.glob("*/history")]:
+            if folder.is_dir():
+                remove_stale_temp_files(folder)
 
     def new_cluster(self, alias: str, key_file: str) -> Tuple[Path, Identity]:
         """Create ``clusters/<alias>/`` (0700) with a new key in ``key_file``; refuse an existing one."""
@@ -135,16 +141,22 @@ def scan_cluster(alias: str, path: Path) -> ClusterEntry:
         ))
     problems: List[str] = []
     if cluster_toml.exists():
-        cluster = _load(cluster_toml, parse_cluster, problems)
-        expected = cluster.manager.id52 if cluster else None
-        identity = _key(path / "cluster.private-key", expected, cluster_toml, ("cluster_manager", "id52"), problems)
-        return ClusterEntry(alias, path, MANAGER, identity, cluster=cluster, problems=tuple(problems))
+        identity = _identity(path / KEY_FILE, problems)
+        text = _read(cluster_toml, problems)
+        cluster = _parse(text, cluster_toml, lambda t, f: check_manager_config(t, f, identity), problems)
+        return ClusterEntry(alias, path, MANAGER, identity, cluster=cluster, problems=tuple(problems),
+                            sha256=sha256_hex(text) if text is not None else "")
     if machine_toml.exists() or info_toml.exists():
         info = _load(info_toml, parse_cluster_info, problems) if info_toml.exists() else None
         machine = _load(machine_toml, parse_machine_config, problems) if machine_toml.exists() else None
-        expected = machine.machine.id52 if machine else None
-        key_path = ("machine", machine.machine.name, "id52") if machine else ()
-        identity = _key(path / "machine.private-key", expected, machine_toml, key_path, problems)
+        identity = _identity(path / "machine.private-key", problems)
+        if machine is not None and identity is not None and identity.id52 != machine.machine.id52:
+            key_path = ("machine", machine.machine.name, "id52")
+            line = KeyLocator(machine_toml.read_text()).line_of(key_path)
+            problems.append(
+                f"{machine_toml}:{line}: {'.'.join(key_path)}: names {machine.machine.id52} but the key "
+                f"machine.private-key is {identity.id52}; restore the matching key or fix the id52"
+            )
         return ClusterEntry(alias, path, MACHINE, identity, machine=machine, info=info, problems=tuple(problems))
     return ClusterEntry(alias, path, None, problems=(
         f"{path}: neither cluster.toml nor machine.toml nor cluster-info.toml; "
@@ -152,26 +164,31 @@ def scan_cluster(alias: str, path: Path) -> ClusterEntry:
     ))
 
 
-def _load(path: Path, parse, problems: List[str]):
+def _read(path: Path, problems: List[str]) -> Optional[str]:
     try:
-        return parse(path.read_text(), str(path))
-    except ConfigError as e:
-        problems.extend(str(p) for p in e.problems)
+        return path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         problems.append(f"{path}: cannot read: {e}")
     return None
 
 
-def _key(path: Path, expected: Optional[str], config: Path, key_path: Tuple[str, ...], problems: List[str]) -> Optional[Identity]:
+def _parse(text: Optional[str], path: Path, parse, problems: List[str]):
+    if text is None:
+        return None
     try:
-        identity = Identity.load(path)
+        return parse(text, str(path))
+    except ConfigError as e:
+        problems.extend(str(p) for p in e.problems)
+    return None
+
+
+def _load(path: Path, parse, problems: List[str]):
+    return _parse(_read(path, problems), path, parse, problems)
+
+
+def _identity(path: Path, problems: List[str]) -> Optional[Identity]:
+    try:
+        return Identity.load(path)
     except MalaiError as e:
         problems.append(str(e))
         return None
-    if expected is not None and identity.id52 != expected:
-        line = KeyLocator(config.read_text()).line_of(key_path)
-        problems.append(
-            f"{config}:{line}: {'.'.join(key_path)}: names {expected} but the key {path.name} is "
-            f"{identity.id52}; restore the matching key or fix the id52"
-        )
-    return identity

@@ -16,6 +16,7 @@ class StoreTests(SynchronousTestCase):
         self.folder = Path(self.mktemp())
         self.folder.mkdir()
         (self.folder / "cluster.toml").write_text(cluster_text())
+        KEYS["cm"].save(self.folder / "cluster.private-key")  # versions are checked against it, as on rescan
         self.store = ClusterStore(self.folder)
 
     def test_versions_and_history(self):

@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
     s.add_argument("version", nargs="?", type=int)
     s.set_defaults(run=lambda a: _run(_show, a))
 
-    h = csub.add_parser("history", help="every accepted version")
+    h = csub.add_parser("history", help="every accepted version, when and by whom")
     h.add_argument("cluster")
     h.add_argument("--json", action="store_true", help="print JSON")
     h.set_defaults(run=lambda a: _run(_history, a))
@@ -199,7 +199,7 @@ async def _history(backend, args) -> int:
         return 0
     for v in versions:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["time"]))
-        print(f"{v['version']:>5}  {when}  {v['sha256']}")
+        print(f"{v['version']:>5}  {when}  {v['sha256']}  {v.get('by') or '-'}")
     return 0
 
 

@@ -118,6 +118,7 @@ class ConfigHistory(amp.Command):
     arguments: list = []
     response = [(b"versions", amp.AmpList([
         (b"version", amp.Integer()), (b"sha256", amp.Unicode()), (b"time", amp.Float()),
+        (b"by", amp.Unicode(optional=True)),
     ]))]
     errors = {NotAllowed: b"NOT_ALLOWED"}
 

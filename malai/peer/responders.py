@@ -8,7 +8,7 @@ from twisted.protocols import amp
 from malai.acl import Denied
 from malai.config.envelope import Envelope
 from malai.config.errors import ConfigError
-from malai.config.store import HashMismatch
+from malai.config.store import HashMismatch, Refusal
 from malai.errors import MalaiError
 from malai.p2p.link import PeerAddress
 from malai.peer.commands import (
@@ -33,6 +33,8 @@ from malai.peer.http_proxy import HttpSession
 from malai.peer.upstream import authorise, open_tcp
 
 __all__ = ["ClusterResponder"]
+
+HISTORY_SHOWN = 200  # the latest versions: what one AMP value (64 KiB) holds with room to spare
 
 
 class ClusterResponder(amp.CommandLocator):
@@ -65,21 +67,29 @@ class ClusterResponder(amp.CommandLocator):
         try:
             rev = store.current() if version is None else store.revision(version)
         except MalaiError as e:
-            raise ConfigRefused(str(e)) from None
+            raise self._refused("config download", e) from None
         return {"body": rev.text, "sha256": rev.sha256, "version": rev.version}
 
     @PutConfig.responder
     def put_config(self, body, force, base=None):
         store = self._store("config upload")
         try:
-            rev = store.upload(body, base, force)
+            rev = store.upload(body, base, force, by=self.peer.peer)
         except HashMismatch as e:
             raise StaleBase(str(e)) from None
         except ConfigError as e:
             raise ConfigRefused("the uploaded cluster.toml is not valid:\n" + str(e)) from None
+        except MalaiError as e:
+            raise self._refused("config upload", e) from None
         self.log.info("{peer} uploaded cluster.toml version {version}", peer=self.peer.peer, version=rev.version)
         self.cluster.config_changed()
         return {"sha256": rev.sha256, "version": rev.version}
+
+    def _refused(self, action: str, error: MalaiError) -> ConfigRefused:
+        """The editor gets a reason that names no path of ours; the whole error goes to the log."""
+        self.log.warn("{action} for {peer} refused: {error}", action=action, peer=self.peer.peer, error=error)
+        return ConfigRefused(str(error) if isinstance(error, Refusal) else f"{action} failed on the manager; "
+                             "its log says why")
 
     @OpenExec.responder
     def open_exec(self, argv, tty, term, rows, cols, timeout=None):
@@ -145,4 +155,4 @@ class ClusterResponder(amp.CommandLocator):
 
     @ConfigHistory.responder
     def history(self):
-        return {"versions": self._store("config history").history()}
+        return {"versions": self._store("config history").history()[-HISTORY_SHOWN:]}

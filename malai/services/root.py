@@ -73,6 +73,9 @@ class MalaiService(MultiService):
         self.control = ListeningService(reactor, control, ControlFactory(self))
         self.forwards = Forwards(self)
         self.forwards.setServiceParent(self)
+        # clusters have a namespace of their own: a cluster may be named "tor" or "forwards"
+        self.cluster_services = MultiService()
+        self.cluster_services.setServiceParent(self)
         self.started: Deferred = Deferred()
 
     # -- lifecycle ------------------------------------------------------------
@@ -240,7 +243,7 @@ class MalaiService(MultiService):
         self.tls.add(svc.identity)
         self._configure_book(svc)
         self.clusters[entry.alias] = svc
-        svc.setServiceParent(self)
+        svc.setServiceParent(self.cluster_services)
         if self.tor is not None:
             self.tor.sync()
 
