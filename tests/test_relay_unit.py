@@ -88,3 +88,12 @@ class RelayLogicTests(SynchronousTestCase):
         self.relay.link.dataReceived(b"Z\xff\xff\xff\xff")
         self.assertTrue(self.plain.aborted)
         self.assertTrue(self.link.disconnecting)
+
+    def test_data_after_the_far_eof_cuts_the_stream(self):
+        """Found by fuzzing: bytes after an end of stream were written to a half-closed socket."""
+        self.relay.link.makeConnection(self.link)
+        self.relay.link.dataReceived(frames.encode(frames.EOF) + frames.encode(frames.DATA, b"late")
+                                     + frames.encode(frames.DATA, b"later"))
+        self.assertEqual(self.plain.value(), b"")
+        self.assertTrue(self.plain.aborted)
+        self.assertTrue(self.link.disconnecting)

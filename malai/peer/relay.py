@@ -101,7 +101,9 @@ class Relay:
     # -- link → plain side ------------------------------------------------------
     def from_link(self, kind: bytes, payload: bytes) -> None:
         plain = self.plain.transport
-        if kind == frames.DATA:
+        if self._eof_received:
+            self.fail(f"the far side sent a {kind!r} frame after its end of stream")
+        elif kind == frames.DATA:
             self.bytes_to_plain += len(payload)
             plain.write(payload)
         elif kind == frames.EOF:
@@ -210,6 +212,8 @@ class LinkEnd(Protocol):
     def dataReceived(self, data: bytes) -> None:
         try:
             for kind, payload in self.parser.feed(data):
+                if self.transport.disconnecting:  # the stream ended: the rest is not read
+                    return
                 self.relay.from_link(kind, payload)
         except ValueError as e:
             self.relay.fail(f"bad relay frame: {e}")
