@@ -220,3 +220,23 @@ class LoopbackCluster:
             return len(sync) == len(self.homes) and all(m["sync"] == "in sync" for m in sync)
 
         wait_for(synced, 30, "every machine to take its config")
+
+
+def start_http_upstream():
+    """``tests/http_upstream.py`` in a child process killed at exit: (its HTTP port, its WebSocket port)."""
+    import atexit
+
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("http_upstream.py"))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    atexit.register(proc.kill)
+    http, websocket = map(int, proc.stdout.readline().split())
+    return http, websocket
+
+
+def add_http_fronts(cluster: "LoopbackCluster", names) -> Dict[str, int]:
+    """An HTTP front on a free loopback port for each of ``names``: {name: port}."""
+    fronts = {}
+    for name in names:
+        fronts[name] = free_port()
+        cluster.homes[name].ok("service", "add", "http", f"127.0.0.1:{fronts[name]}")
+    return fronts

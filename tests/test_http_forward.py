@@ -6,16 +6,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import LoopbackCluster, free_port, wait_for
+from tests.helpers import LoopbackCluster, add_http_fronts, free_port, start_http_upstream, wait_for
 from tests.test_tcp_forward import _usage
-
-UPSTREAM = str(Path(__file__).with_name("http_upstream.py"))
 
 
 class HttpForwardTests(TestCase):
@@ -29,12 +25,7 @@ class HttpForwardTests(TestCase):
 
     @classmethod
     def _build(cls):
-        cls.upstream = subprocess.Popen([sys.executable, UPSTREAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True)
-        import atexit
-
-        atexit.register(cls.upstream.kill)
-        port, ws_port = map(int, cls.upstream.stdout.readline().split())
+        port, ws_port = start_http_upstream()
 
         def config(ids, ports):
             return (f'\n[machine.web01]\nid52 = "{ids["web01"]}"\naddrs = ["127.0.0.1:{ports["web01"]}"]\n'
@@ -49,10 +40,7 @@ class HttpForwardTests(TestCase):
 
         cls.cluster = LoopbackCluster(("web01", "laptop", "intruder"), config)
         cls.homes = cls.cluster.homes
-        cls.front = {}
-        for name in ("laptop", "intruder"):
-            cls.front[name] = free_port()
-            cls.homes[name].ok("service", "add", "http", f"127.0.0.1:{cls.front[name]}")
+        cls.front = add_http_fronts(cls.cluster, ("laptop", "intruder"))
 
     def curl(self, url_path: str, *args: str, who: str = "laptop", service: str = "admin.company"):
         """(status, body) of curl against ``http://<service>.localhost:<front>/<url_path>``."""

@@ -7,11 +7,8 @@ import http.client
 import json
 import select
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
@@ -24,10 +21,9 @@ from malai.config.models import HttpService
 from malai.peer.http_headers import HEAD_TIMEOUT, Caller, framing_problem, request_headers, response_headers
 from malai.peer.http_proxy import HttpSession, Upstream
 from malai.services.http_front import _FrontFactory
-from tests.helpers import LoopbackCluster, free_port, wait_for
+from tests.helpers import LoopbackCluster, add_http_fronts, start_http_upstream, wait_for
 from tests.test_tcp_forward import _usage
 
-UPSTREAM = str(Path(__file__).with_name("http_upstream.py"))
 FORGED = "0" * 52
 
 
@@ -78,12 +74,7 @@ class HttpHardeningTests(TestCase):
 
     @classmethod
     def _build(cls):
-        cls.upstream = subprocess.Popen([sys.executable, UPSTREAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True)
-        import atexit
-
-        atexit.register(cls.upstream.kill)
-        cls.upstream_port = int(cls.upstream.stdout.readline().split()[0])
+        cls.upstream_port = start_http_upstream()[0]
 
         def config(ids, ports):
             return (f'\n[machine.web01]\nid52 = "{ids["web01"]}"\naddrs = ["127.0.0.1:{ports["web01"]}"]\n'
@@ -94,10 +85,7 @@ class HttpHardeningTests(TestCase):
 
         cls.cluster = LoopbackCluster(("web01", "laptop", "intruder"), config)
         cls.homes = cls.cluster.homes
-        cls.front = {}
-        for name in ("laptop", "intruder"):
-            cls.front[name] = free_port()
-            cls.homes[name].ok("service", "add", "http", f"127.0.0.1:{cls.front[name]}")
+        cls.front = add_http_fronts(cls.cluster, ("laptop", "intruder"))
 
     def host(self, who="laptop", service="admin.company") -> str:
         return f"{service}.localhost:{self.front[who]}"
