@@ -4,11 +4,12 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -80,6 +81,20 @@ class ExecThroughControlTests(TestCase):
         except AssertionError:
             self.fail(f"descriptors before {before}, now {({pid: fds(pid) for pid in before})}")
 
+    def test_200_concurrent_sessions(self):
+        """Each succeeds, or is refused with a clear message (#13 item 13: 67 of 200 lost to EINVAL)."""
+        env = dict(os.environ, MALAI_HOME=str(self.laptop.root))
+        started = time.monotonic()
+        procs = [subprocess.Popen([MALAI, "web01.company", "sleep", "5"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(200)]
+        results = [(p.wait(60), p.stderr.read().decode()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        failed = [r for r in results if r[0] != 0]
+        self.assertEqual(failed, [], f"{len(failed)} of 200 failed, e.g. {failed[:3]}")
+        self.assertLess(time.monotonic() - started, 30)
+
 
 class _Cluster:
     def __init__(self, machines):
@@ -115,23 +130,29 @@ class BigAnswerTests(TestCase):
     """Answers far past one AMP value's 64 KiB, read by the real CLI (#22 item 3): this process holds
     the daemon lock and serves the control socket with a stand-in for the daemon's state."""
 
-    def serve(self, n: int) -> Path:
+    @inlineCallbacks
+    def serve(self, n: int):
+        """A home whose lock this process holds and whose control socket it serves as the daemon does."""
         from twisted.internet import reactor
 
         from malai.control.server import ControlFactory
         from malai.lock import DaemonLock
+        from malai.services.listening import ListeningService
+        from malai.tap import control_endpoint
 
         home = short_home(self)
         lock = DaemonLock(home / "malai.lock")
         lock.acquire()
         self.addCleanup(lock.release)
-        port = reactor.listenUNIX(str(home / "malai.socket"), ControlFactory(_Root(n)), mode=0o600)
-        self.addCleanup(port.stopListening)
+        listening = ListeningService(reactor, control_endpoint(home / "malai.socket"), ControlFactory(_Root(n)))
+        listening.startService()
+        yield listening.ready
+        self.addCleanup(listening.stopService)
         return home
 
     @inlineCallbacks
     def test_status_of_2000_machines(self):
-        home = self.serve(2000)
+        home = yield self.serve(2000)
         out, err, code = yield getProcessOutputAndValue(MALAI, ("status", "--json"), env=_env(home))
         self.assertEqual(code, 0, out + err)
         [cluster] = json.loads(out)["clusters"]
@@ -142,11 +163,43 @@ class BigAnswerTests(TestCase):
     @inlineCallbacks
     def test_machines_of_a_big_cluster(self):
         """The stdlib client of fan-out reads a list of machines in several values."""
-        home = self.serve(10000)
+        home = yield self.serve(10000)
         script = ("import sys; from pathlib import Path; from malai.cli.remote import machines_of; "
                   "print(len(machines_of(Path(sys.argv[1]), 'company')))")
         out, err, code = yield getProcessOutputAndValue(sys.executable, ("-c", script, str(home)), env=_env(home))
         self.assertEqual((code, out), (0, b"10000\n"), err)
+
+
+class CrowdTests(TestCase):
+    """Many callers at once on the control socket (#22 item 3): this process serves it as the daemon does."""
+
+    serve = BigAnswerTests.serve
+
+    @inlineCallbacks
+    def test_300_nonblocking_connects_are_all_queued(self):
+        home = yield self.serve(1)
+        socks, refused = [], 0
+        for _ in range(300):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            socks.append(s)
+            refused += s.connect_ex(str(home / "malai.socket")) != 0
+        for s in socks:
+            s.close()
+        self.assertEqual(refused, 0, f"{refused} of 300 connects refused")
+
+    @inlineCallbacks
+    def test_1500_callers_at_once(self):
+        """More than the listen backlog: the client waits for room within a bound."""
+        from twisted.internet import reactor
+
+        from malai.control.client import call
+        from malai.control.commands import Status
+
+        home = yield self.serve(1)
+        results = yield DeferredList([call(reactor, home / "malai.socket", Status) for _ in range(1500)])
+        failures = [r.getErrorMessage() for ok, r in results if not ok]
+        self.assertEqual(len(failures), 0, f"{len(failures)} of 1500 failed: {set(failures)}")
 
 
 def _env(home: Path) -> dict:

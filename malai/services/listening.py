@@ -11,13 +11,14 @@ from twisted.internet.protocol import Factory
 __all__ = ["BACKLOG", "ListeningService", "with_backlog"]
 
 #: Twisted listens with a backlog of 50; a burst of new connections beyond it
-#: (a connection pool warming up, a load test) would wait out SYN retransmits.
+#: (a connection pool warming up, a load test) would wait out SYN retransmits,
+#: or on a UNIX socket (the control socket) be refused with EAGAIN.
 BACKLOG = 1024
 
 
 def with_backlog(description: str) -> str:
-    """``description`` with ``backlog=BACKLOG`` when it is a TCP endpoint that sets none."""
-    if description.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in description:
+    """``description`` with ``backlog=BACKLOG`` when it is a TCP or UNIX endpoint that sets none."""
+    if description.split(":", 1)[0] in ("tcp", "tcp6", "unix") and "backlog=" not in description:
         return f"{description}:backlog={BACKLOG}"
     return description
 
