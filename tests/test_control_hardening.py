@@ -170,6 +170,37 @@ class BigAnswerTests(TestCase):
         self.assertEqual((code, out), (0, b"10000\n"), err)
 
 
+class NotAnsweringTests(TestCase):
+    """A live daemon holds the lock but its socket does not answer: never "not running" (#22 item 3)."""
+
+    def setUp(self):
+        from malai.lock import DaemonLock
+
+        self.home = short_home(self)
+        lock = DaemonLock(self.home / "malai.lock")
+        lock.acquire()
+        self.addCleanup(lock.release)
+        dead = socket.socket(socket.AF_UNIX)  # bound, never listening: connections are refused
+        dead.bind(str(self.home / "malai.socket"))
+        os.chmod(self.home / "malai.socket", 0o600)
+        self.addCleanup(dead.close)
+
+    def test_status(self):
+        r = run_malai(self.home, "status")
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertEqual(r.stdout.splitlines()[0], "NOT ANSWERING")
+        self.assertIn(f"the daemon (pid {os.getpid()}) holds", r.stdout)
+        self.assertIn("Connection refused", r.stdout)
+
+    def test_rescan_and_cluster_init_fail_loudly(self):
+        for args in (("cluster", "init", "company"), ("rescan",)):
+            r = run_malai(self.home, *args)
+            self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+            self.assertNotIn("not running", r.stdout + r.stderr)
+            self.assertIn("did not answer", r.stderr)
+            self.assertIn("nothing applied: run `malai rescan` once it answers", r.stderr)
+
+
 class CrowdTests(TestCase):
     """Many callers at once on the control socket (#22 item 3): this process serves it as the daemon does."""
 

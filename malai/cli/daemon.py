@@ -13,8 +13,9 @@ from malai.errors import MalaiError
 from malai.home import Home
 from malai.lock import DaemonLock
 
-RUNNING, NOT_RUNNING, STALE = "RUNNING", "NOT RUNNING", "STALE"
+RUNNING, NOT_RUNNING, STALE, NOT_ANSWERING = "RUNNING", "NOT RUNNING", "STALE", "NOT ANSWERING"
 EXIT_NOT_RUNNING = 3
+EXIT_CODES = {RUNNING: 0, NOT_ANSWERING: 1}  # else EXIT_NOT_RUNNING
 
 
 def add_parser(sub) -> None:
@@ -29,7 +30,8 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run_daemon)
 
     s = sub.add_parser("status", help="is the daemon running, and what it serves",
-                       description="Exit 0 when the daemon runs, 3 when it does not.")
+                       description="Exit 0 when the daemon runs, 3 when it does not, 1 when it holds "
+                                   "its lock but does not answer.")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(run=run_status)
 
@@ -106,7 +108,8 @@ def _answers(path: Path) -> bool:
 
 
 async def daemon_state(reactor, home: Home) -> dict:
-    """RUNNING (with the daemon's status), NOT RUNNING, or STALE with the fix."""
+    """RUNNING (with the daemon's status); NOT RUNNING or STALE (a socket left by a dead daemon)
+    when the lock is free; NOT ANSWERING when a live daemon holds the lock but its socket failed."""
     from malai.control.client import call
     from malai.control.commands import Status
 
@@ -118,9 +121,10 @@ async def daemon_state(reactor, home: Home) -> dict:
         return {"state": NOT_RUNNING}
     try:
         status = await call(reactor, home.socket, Status)
-    except Exception as e:
-        return {"state": STALE, "pid": pid,
-                "fix": f"pid {pid} holds {home.lock} but does not answer ({e}); run `kill {pid}`"}
+    except Exception as e:  # a MalaiError says why; anything else is an answer we could not read
+        reason = e if isinstance(e, MalaiError) else f"an unreadable answer ({type(e).__name__})"
+        return {"state": NOT_ANSWERING, "pid": pid,
+                "fix": f"the daemon (pid {pid}) holds {home.lock} but did not answer: {reason}"}
     return {"state": RUNNING, **status}
 
 
@@ -130,7 +134,7 @@ def run_status(args) -> int:
         print_json(state)
     else:
         _print_status(state)
-    return 0 if state["state"] == RUNNING else EXIT_NOT_RUNNING
+    return EXIT_CODES.get(state["state"], EXIT_NOT_RUNNING)
 
 
 def _print_status(state: dict) -> None:

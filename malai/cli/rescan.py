@@ -4,6 +4,7 @@ import sys
 
 from malai.cli.common import home_of, run_twisted
 from malai.config import ConfigError
+from malai.errors import MalaiError
 
 
 def add_parser(sub) -> None:
@@ -39,9 +40,12 @@ def run(args) -> int:
 
 
 async def apply_if_running(reactor, home, cluster, check_when_stopped: bool) -> int:
-    from malai.cli.daemon import RUNNING, daemon_state
+    from malai.cli.daemon import NOT_ANSWERING, RUNNING, daemon_state
 
-    if (await daemon_state(reactor, home))["state"] != RUNNING:
+    state = await daemon_state(reactor, home)
+    if state["state"] == NOT_ANSWERING:
+        raise MalaiError(f"{state['fix']}\nnothing applied: run `malai rescan` once it answers")
+    if state["state"] != RUNNING:  # the lock is free
         if not check_when_stopped:
             return 0
         code = check(home, cluster)
