@@ -29,12 +29,17 @@ class Decision:
     allowed: bool
     rule: str
     reason: str
+    brief: str = ""  # the reason as a remote caller may see it: naming no other member
 
     def __bool__(self) -> bool:
         return self.allowed
 
     def __str__(self) -> str:
         return f"{'allowed' if self.allowed else 'denied'} by {self.rule}: {self.reason}"
+
+    def for_caller(self) -> str:
+        """The decision told to the caller: the rule, and the reason only if it names no one else."""
+        return f"{'allowed' if self.allowed else 'denied'} by {self.rule}" + (f": {self.brief}" if self.brief else "")
 
 
 class Acl:
@@ -124,23 +129,32 @@ class Acl:
     def check(self, rule: str, expr: Optional[str], caller: str) -> Decision:
         """Whether ``caller`` is in ``expr``, explained as ``rule``."""
         if expr is None:
-            return Decision(False, rule, f"{rule} is not set, so nobody is allowed")
+            reason = f"{rule} is not set, so nobody is allowed"
+            return Decision(False, rule, reason, reason)
         how = self.members(expr).get(caller)
         if how is None:
-            return Decision(False, rule, f"{self.name_of(caller)} is not in {rule} = {expr!r}")
+            return Decision(False, rule, f"{self.name_of(caller)} is not in {rule} = {expr!r}", "you are not in it")
         return Decision(True, rule, f"{self.name_of(caller)} matched {how}")
 
     def can_run(self, machine: Machine, caller: str, argv: Sequence[str]) -> Decision:
-        """Running ``argv`` (empty: an interactive shell) on ``machine``."""
+        """Running ``argv`` (empty: an interactive shell) on ``machine``.
+
+        A command entry takes extra words only with ``args = true`` (appended to its argv)
+        or ``shell = true`` (positional parameters of its script)."""
         prefix = f"machine.{machine.name}"
         if not argv:
             if machine.allow_shell is not None:
                 return self.check(f"{prefix}.allow_shell", machine.allow_shell, caller)
             return self.check(f"{prefix}.allow_from (allow_shell defaults to it)", machine.allow_from, caller)
         entry = machine.commands.get(argv[0])
-        if entry is not None:
-            return self.check(f"{prefix}.command.{entry.name}.allow_from", entry.allow_from, caller)
-        return self.check(f"{prefix}.allow_from", machine.allow_from, caller)
+        if entry is None:
+            return self.check(f"{prefix}.allow_from", machine.allow_from, caller)
+        decision = self.check(f"{prefix}.command.{entry.name}.allow_from", entry.allow_from, caller)
+        if decision and len(argv) > 1 and not (entry.args or entry.shell):
+            reason = f"command {entry.name} runs exactly {entry.command!r}: it takes no arguments (args is not set)"
+            return Decision(False, f"{prefix}.command.{entry.name}.args", reason,
+                            f"command {entry.name} takes no arguments")
+        return decision
 
     def can_reach(self, machine: Machine, kind: str, service: str, caller: str) -> Decision:
         """Reaching the ``kind`` (``tcp`` or ``http``) service ``service`` on ``machine``."""
@@ -166,3 +180,6 @@ class Denied(MalaiError):
     def __init__(self, decision: Decision):
         self.decision = decision
         super().__init__(f"permission denied: {decision}")
+
+    def for_caller(self) -> str:
+        return f"permission denied: {self.decision.for_caller()}"

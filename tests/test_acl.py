@@ -40,7 +40,9 @@ class ClusterAclTests(SynchronousTestCase):
         d = self.acl.can_run(self.web, K["alice"], ["restart-nginx"])
         self.assertFalse(d)
         self.assertEqual(d.rule, "machine.web01.command.restart-nginx.allow_from")
-        self.assertTrue(self.acl.can_run(self.web, K["laptop"], ["restart-nginx", "now"]))
+        self.assertTrue(self.acl.can_run(self.web, K["laptop"], ["restart-nginx"]))
+        d = self.acl.can_run(self.web, K["laptop"], ["restart-nginx", "now"])  # no args = true: no extra words
+        self.assertEqual((d.allowed, d.rule), (False, "machine.web01.command.restart-nginx.args"))
 
     def test_shell(self):
         self.assertTrue(self.acl.can_run(self.db, K["alice"], []))

@@ -10,6 +10,7 @@ over a socket pair.
 import fnmatch
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -28,6 +29,8 @@ from malai.ampbox import encode_box, read_box
 __all__ = ["looks_like_target", "main"]
 
 EXIT_DENIED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 126, 2, 255, 124
+CONNECT_TIMEOUT = 10.0  # seconds to wait for room in the daemon's accept queue
+STDOUT, STDERR = 1, 2
 FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 ERROR_EXIT = {b"DENIED": EXIT_DENIED, b"UNKNOWN": EXIT_USAGE, b"UNREACHABLE": EXIT_UNREACHABLE}
 
@@ -209,11 +212,27 @@ def _winsize() -> Tuple[int, int]:
         return 24, 80
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to ``fd``, waiting while it is full: a caller such as
+    rsync may hand us a non-blocking stdout, where a plain write would drop the rest."""
+    view = memoryview(data)
+    poller = None
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+            poller.poll()
+
+
 class Session:
     """Pump stdin into frames and frames out to stdout/stderr until the exit frame.
 
     Never blocks on one direction: the socket is non-blocking, stdin is read only
-    while little is queued for the socket, and output is read all the while."""
+    while little is queued for the socket, and output is read all the while (and
+    written whole: the remote waits while our stdout does)."""
 
     MAX_QUEUED = 256 * 1024
 
@@ -223,9 +242,7 @@ class Session:
         self.parser = frames.FrameParser()
         self.exit: Optional[int] = None
         self.queued = bytearray()
-        self.out = sys.stdout.buffer
-        self.err = sys.stderr.buffer
-        self._handle(early)
+        self.early = early  # output that came with the answer: written once signals are forwarded
 
     def run(self) -> int:
         saved = None
@@ -243,6 +260,7 @@ class Session:
         sel.register(signal_r, selectors.EVENT_READ, "signal")
         stdin_state = self._stdin_kind(sel, stdin)
         try:
+            self._handle(self.early)
             while self.exit is None:
                 want_stdin = stdin_state != "closed" and len(self.queued) < self.MAX_QUEUED
                 if stdin_state == "file" and want_stdin:
@@ -333,19 +351,16 @@ class Session:
     def _handle(self, data: bytes) -> None:
         for kind, payload in self.parser.feed(data):
             if kind == frames.STDOUT:
-                self.out.write(payload)
-                self.out.flush()
+                write_all(STDOUT, payload)
             elif kind == frames.STDERR:
-                self.err.write(payload)
-                self.err.flush()
+                write_all(STDERR, payload)
             elif kind == frames.ERROR:
-                self.err.write(b"malai: " + payload + b"\r\n")
-                self.err.flush()
+                write_all(STDERR, b"malai: " + payload + b"\r\n")
             elif kind == frames.EXIT:
                 self.exit = json.loads(payload)["code"]
 
     def _lost(self) -> int:
-        print("\r\nmalai: the connection to the machine was lost", file=sys.stderr)
+        write_all(STDERR, b"\r\nmalai: the connection to the machine was lost\n")
         return EXIT_UNREACHABLE
 
 
@@ -458,16 +473,14 @@ class _Fan:
             return
         text = self.partial[kind] + payload
         *lines, self.partial[kind] = text.split(b"\n")
-        out = sys.stdout.buffer if kind == frames.STDOUT else sys.stderr.buffer
-        for line in lines:
-            out.write(self.name.encode() + b": " + line + b"\n")
-        out.flush()
+        prefix = self.name.encode() + b": "
+        write_all(STDOUT if kind == frames.STDOUT else STDERR, b"".join(prefix + line + b"\n" for line in lines))
 
     def say_error(self, message: str) -> None:
         if self.json:
             self._json({"machine": self.name, "stream": "error", "data": message})
         else:
-            print(f"{self.name}: malai: {message}", file=sys.stderr)
+            write_all(STDERR, f"{self.name}: malai: {message}\n".encode())
 
     def finish(self, code: int) -> int:
         for kind, rest in self.partial.items():
@@ -480,5 +493,4 @@ class _Fan:
         return code
 
     def _json(self, record: dict) -> None:
-        sys.stdout.write(json.dumps(record) + "\n")
-        sys.stdout.flush()
+        write_all(STDOUT, (json.dumps(record) + "\n").encode())

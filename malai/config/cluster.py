@@ -55,7 +55,7 @@ def parse_machine_table(name: str, t: Table) -> Optional[Machine]:
             ct.source.problem(ct.path + ("command",), "must not be empty")
         commands[cname] = Command(
             cname, command or "", ct.string("allow_from"),
-            ct.string("username", check=check_username), ct.boolean("shell", False),
+            ct.string("username", check=check_username), ct.boolean("shell", False), ct.boolean("args", False),
         )
         ct.done()
     tcp = {}

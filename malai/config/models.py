@@ -28,6 +28,7 @@ class Command:
     allow_from: Optional[str] = None
     username: Optional[str] = None
     shell: bool = False
+    args: bool = False  # the caller's extra words are appended to the argv (see docs/exec.md)
 
 
 @attrs.frozen

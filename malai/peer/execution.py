@@ -6,6 +6,7 @@ switches to: it spawns the process in its own process group and relays
 frames, with each side paused when the other cannot keep up.
 """
 
+import math
 import os
 import pwd
 import shlex
@@ -27,11 +28,26 @@ from malai.audit import AuditLog
 from malai.config.models import MachineConfig
 from malai.errors import MalaiError
 
-__all__ = ["ExecRequest", "ExecSession", "caller_name", "prepare"]
+__all__ = ["BadRequest", "ExecRequest", "ExecSession", "caller_name", "check_request", "prepare"]
 
 FORWARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGKILL,
                      signal.SIGUSR1, signal.SIGUSR2}
 KILL_GRACE = 2.0
+MALFORMED = "malformed exec frame"
+
+
+class BadRequest(MalaiError):
+    """Session parameters no client sends; the message is short enough for the caller."""
+
+
+def check_request(argv: List[str], term: str, rows: int, cols: int, timeout: Optional[float]) -> None:
+    """Refuse parameters that could not be honoured, before anything is decided or spawned."""
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise BadRequest("invalid request: timeout must be a positive number of seconds")
+    if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
+        raise BadRequest("invalid request: rows and cols must be 0 to 65535")
+    if any("\x00" in word for word in [*argv, term]):
+        raise BadRequest("invalid request: a NUL character in the command or TERM")
 
 
 @attrs.frozen
@@ -57,9 +73,12 @@ class ExecRequest:
 
 def prepare(config: Optional[MachineConfig], cluster: str, caller: str, argv: List[str], tty: bool,
             term: str, rows: int, cols: int, timeout: Optional[float]) -> ExecRequest:
-    """Authorise and resolve a request; raise ``Denied`` (with the explanation) or MalaiError."""
+    """Check, authorise and resolve a request; raise ``BadRequest``, ``Denied`` (with the explanation)
+    or MalaiError."""
+    check_request(argv, term, rows, cols, timeout)
     if config is None:
-        raise Denied(Decision(False, "machine.toml", "this machine has no config from its manager yet"))
+        reason = "this machine has no config from its manager yet"
+        raise Denied(Decision(False, "machine.toml", reason, reason))
     acl = Acl.for_machine(config)
     machine = config.machine
     decision = acl.can_run(machine, caller, argv)
@@ -106,7 +125,10 @@ def _executable(command: List[str], env: Dict[str, str]) -> Optional[str]:
 
 
 class ExecSession(Protocol):
-    """The exec link after the switch: frames in, frames out, one process."""
+    """The exec link after the switch: frames in, frames out, one process group.
+
+    A malformed frame ends this session only: an error frame to the caller, the group hung up.
+    Once the exit frame is sent or the caller has gone, nothing more is written to the link."""
 
     log = Logger()
 
@@ -116,6 +138,11 @@ class ExecSession(Protocol):
         self.audit = audit
         self.parser = frames.FrameParser()
         self.process: Any = None
+        self.pgid: Optional[int] = None  # kept after the leader is reaped: the group may outlive it
+        self.running = False  # spawned, not yet ended
+        self.finished = False  # exit frame sent or caller gone
+        self.stdin_closed = False
+        self.hung_up = False
         self.started = time.time()
         self.bytes_in = self.bytes_out = 0
         self.exit_code: Optional[int] = None
@@ -127,7 +154,7 @@ class ExecSession(Protocol):
         r = self.request
         executable = _executable(r.command, r.env)
         if executable is None:
-            self._fail(f"{r.command[0]}: command not found", 127)
+            self._finish(127, f"{r.command[0]}: command not found")
             return
         argv = r.command if r.tty else [_SETSID, *r.command]
         if not r.tty:
@@ -137,56 +164,77 @@ class ExecSession(Protocol):
                 _Process(self), executable, argv, env=r.env, path=r.home if os.path.isdir(r.home) else "/",
                 uid=r.uid, gid=r.gid, usePTY=r.tty)
         except OSError as e:
-            self._fail(f"cannot start {r.command[0]}: {e}", 126)
+            self._finish(126, f"cannot start {r.command[0]}: {e.strerror or e}")
             return
+        self.pgid, self.running = self.process.pid, True  # setsid (or the PTY's) makes it the group leader
         if r.tty:
             self._resize(r.rows, r.cols)
         self.transport.registerProducer(_ChildOutput(self), True)  # a slow caller pauses the child's output
         writer = self.process if r.tty else self.process.pipes.get(0)
         if writer is not None:
             writer.registerProducer(_CallerInput(self.transport), True)  # a child not reading stdin pauses the caller
-        if r.timeout:
+        if r.timeout is not None:
             self._timer = self.reactor.callLater(r.timeout, self._time_out)
         self.log.info("{cluster}: {caller} runs {argv} as {user} (pid {pid})", cluster=r.cluster,
-                      caller=r.caller_name or r.caller, argv=r.command, user=r.user, pid=self.process.pid)
+                      caller=r.caller_name or r.caller, argv=r.command, user=r.user, pid=self.pgid)
 
-    def _fail(self, message: str, code: int) -> None:
-        self.transport.write(frames.encode(frames.ERROR, message.encode()) + frames.exit_frame(code))
+    def _finish(self, code: int, error: str = "", signum: int = 0) -> None:
+        """Send ``error`` (if any) and the exit frame, and close; once, and only while the caller is there."""
+        if self.finished:
+            return
+        self.finished = True
         self.exit_code = code
+        self.transport.unregisterProducer()
+        self.transport.write((frames.encode(frames.ERROR, error.encode()) if error else b"")
+                             + frames.exit_frame(code, signum))
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.finished:
+            return
         try:
             for kind, payload in self.parser.feed(data):
                 self._frame(kind, payload)
         except ValueError as e:
-            self.log.warn("bad exec frame from {caller}: {e}", caller=self.request.caller, e=e)
-            self.transport.abortConnection()
+            self.log.warn("{cluster}: {caller} sent a malformed exec frame ({e}); session closed",
+                          cluster=self.request.cluster, caller=self.request.caller, e=e)
+            self._finish(126, MALFORMED)
+            self._hang_up()
 
     def _frame(self, kind: bytes, payload: bytes) -> None:
-        if self.process is None or self.exit_code is not None:
-            return
+        """One frame from the caller; ValueError for anything a client does not send."""
         if kind == frames.STDIN:
+            if self.stdin_closed:
+                raise ValueError("stdin after its end")
             self.bytes_in += len(payload)
             self.process.write(payload)
         elif kind == frames.EOF:
             if self.request.tty:
                 self.process.write(b"\x04")
-            else:
+            elif not self.stdin_closed:
+                self.stdin_closed = True
                 stdin = self.process.pipes.get(0)
                 if stdin is not None:
                     stdin.unregisterProducer()  # else it never closes while the link is its producer
                 self.process.closeStdin()
         elif kind == frames.SIGNAL:
-            self._signal(int(payload))
-        elif kind == frames.WINSIZE and self.request.tty:
-            self._resize(*struct.unpack(">HH", payload))
+            signum = int(payload)
+            if signum in FORWARDED_SIGNALS:
+                self._signal(signum)
+        elif kind == frames.WINSIZE:
+            if len(payload) != 4:
+                raise ValueError(f"window size frame of {len(payload)} bytes")
+            if self.request.tty:
+                self._resize(*struct.unpack(">HH", payload))
+        else:
+            raise ValueError(f"frame kind {kind!r}")
 
     def _signal(self, signum: int) -> None:
-        if signum not in FORWARDED_SIGNALS or self.process is None or self.process.pid is None:
+        """``signum`` to the process group while it may still exist."""
+        if self.pgid is None or not self.running:
             return
         try:
-            os.killpg(self.process.pid, signum)
+            os.killpg(self.pgid, signum)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -196,33 +244,48 @@ class ExecSession(Protocol):
 
         try:
             fcntl.ioctl(self.process.fileno(), termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-            os.killpg(self.process.pid, signal.SIGWINCH)
-        except (OSError, AttributeError):
-            pass
+        except (OSError, ValueError):  # the terminal is gone already
+            return
+        self._signal(signal.SIGWINCH)
 
     def _time_out(self) -> None:
         self._timer = None
         self.timed_out = True
         self._signal(signal.SIGTERM)
-        self._kill_timer = self.reactor.callLater(KILL_GRACE, self._signal, signal.SIGKILL)
+        self._kill_later()
+
+    def _hang_up(self) -> None:
+        """The caller is gone (or sent garbage): SIGHUP now, SIGKILL after the grace period.
+        The output keeps flowing (nowhere) so that the end of the group is noticed."""
+        if self.hung_up or not self.running:
+            return
+        self.hung_up = True
+        self._signal(signal.SIGHUP)
+        self.process.resumeProducing()
+        self._kill_later()
+
+    def _kill_later(self) -> None:
+        if self._kill_timer is None:
+            self._kill_timer = self.reactor.callLater(KILL_GRACE, self._signal, signal.SIGKILL)
 
     def output(self, kind: bytes, data: bytes) -> None:
+        if self.finished:
+            return
         self.bytes_out += len(data)
         self.transport.write(frames.encode(kind, data))
 
     def ended(self, code: Optional[int], signum: Optional[int]) -> None:
-        for call in (self._timer, self._kill_timer):
-            if call is not None and call.active():
-                call.cancel()
-        self.exit_code = 124 if self.timed_out else (128 + signum if signum else (code or 0))
-        self.transport.unregisterProducer()
-        self.transport.write(frames.exit_frame(self.exit_code, signum or 0))
-        self.transport.loseConnection()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._kill_timer is not None and self._kill_timer.active():
+            self._kill_timer.cancel()
+            self._signal(signal.SIGKILL)  # being stopped: what is left of the group goes with its leader
+        self.running = False
+        self._finish(124 if self.timed_out else (128 + signum if signum else (code or 0)), signum=signum or 0)
 
     def connectionLost(self, reason=None) -> None:
-        if self.process is not None and self.exit_code is None:
-            self._signal(signal.SIGHUP)  # the caller went away
-            self.reactor.callLater(KILL_GRACE, self._signal, signal.SIGKILL)
+        self.finished = True
+        self._hang_up()
         r = self.request
         self.audit.record(cluster=r.cluster, caller=r.caller, caller_name=r.caller_name, argv=r.argv,
                           command=r.command, user=r.user, decision="allowed", rule=str(r.decision),
@@ -264,7 +327,7 @@ class _ChildOutput:
         self.session.process.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.session._signal(signal.SIGHUP)
+        self.session._hang_up()
 
 
 class _Process(ProcessProtocol):

@@ -27,7 +27,7 @@ from malai.peer.commands import (
     RelayRequest,
     StaleBase,
 )
-from malai.peer.execution import ExecSession, caller_name, prepare
+from malai.peer.execution import BadRequest, ExecSession, caller_name, prepare
 from malai.peer.http_headers import Caller
 from malai.peer.http_proxy import HttpSession
 from malai.peer.upstream import authorise, open_tcp
@@ -96,12 +96,18 @@ class ClusterResponder(amp.CommandLocator):
         cluster, caller = self.cluster, self.peer.peer
         try:
             request = prepare(cluster.entry.machine, cluster.name, caller, argv, tty, term, rows, cols, timeout)
+        except BadRequest as e:
+            cluster.audit.record(cluster=cluster.name, caller=caller, argv=argv, decision="invalid", rule=str(e))
+            self.log.warn("{cluster}: {caller} sent an invalid exec request ({why}): tty={tty} rows={rows} "
+                          "cols={cols} timeout={timeout}", cluster=cluster.name, caller=caller, why=e, tty=tty,
+                          rows=rows, cols=cols, timeout=timeout)
+            raise ExecFailed(str(e)) from None
         except Denied as e:
             cluster.audit.record(cluster=cluster.name, caller=caller, argv=argv, decision="denied",
                                  rule=str(e.decision))
             self.log.warn("{cluster}: {caller} denied {argv}: {why}", cluster=cluster.name, caller=caller,
                           argv=argv, why=e.decision)
-            raise NotAllowed(str(e)) from None
+            raise NotAllowed(e.for_caller()) from None
         except MalaiError as e:
             cluster.audit.record(cluster=cluster.name, caller=caller, argv=argv, decision="failed", rule=str(e))
             raise ExecFailed(str(e)) from None
