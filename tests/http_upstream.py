@@ -115,8 +115,14 @@ def websocket_server():
     return server.socket.getsockname()[1]
 
 
+class Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that left mid-request: no traceback
+            super().handle_error(request, client_address)
+
+
 def main():
-    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    http = Server(("127.0.0.1", 0), Handler)
     http.daemon_threads = True
     threading.Thread(target=http.serve_forever, daemon=True).start()
     print(http.server_address[1], websocket_server(), flush=True)
