@@ -263,6 +263,27 @@ class CrashTests(SynchronousTestCase):
                          [".notes.tmp", live.name])
 
 
+class PublisherTests(SynchronousTestCase):
+    def test_an_edit_that_broke_the_file_since_the_rescan_publishes_nothing(self):
+        from types import SimpleNamespace
+
+        from twisted.internet.task import Clock
+
+        from malai.config.cluster import parse_cluster
+        from malai.services.publisher import ConfigPublisher
+
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        KEYS["cm"].save(folder / "cluster.private-key")
+        (folder / "cluster.toml").write_text(cluster_text("bogus = 1\n"))
+        cluster = SimpleNamespace(name="company", identity=KEYS["cm"],
+                                  entry=SimpleNamespace(cluster=parse_cluster(cluster_text())))
+        publisher = ConfigPublisher(Clock(), cluster, pool=None, store=ClusterStore(folder))
+        publisher.publish()
+        self.assertEqual(publisher.pending, {})
+        self.assertFalse((folder / "history").exists())
+
+
 class StaleTempAtStartTests(TestCase):
     """#22 item 9: temp files of writers killed by -9 vanish when the daemon starts."""
 

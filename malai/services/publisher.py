@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from malai.config.envelope import Envelope
 from malai.config.machine import personalize, render_machine_config
 from malai.config.store import ClusterStore, sha256_hex
+from malai.errors import MalaiError
 from malai.peer.commands import PushConfig
 
 __all__ = ["ConfigPublisher"]
@@ -48,7 +49,11 @@ class ConfigPublisher(Service):
     def publish(self) -> None:
         """Compute every machine's config; queue those whose content changed."""
         config = self.cluster.entry.cluster
-        rev = self.store.current()
+        try:
+            rev = self.store.current()
+        except MalaiError as e:  # cluster.toml changed since the rescan that loaded it; the next one says more
+            self.log.error("{cluster}: nothing published: {error}", cluster=self.cluster.name, error=e)
+            return
         state = self.store.load_state()
         machines = state.setdefault("machines", {})
         for name in set(machines) - set(config.machines):
