@@ -148,6 +148,27 @@ class RemoteErrorTests(TestCase):
         self.assertIn("cluster.toml on the manager holds an edit that is not valid", r.stderr)
 
 
+class DeniedEditorTests(TestCase):
+    """#13 item 9 (config): a member who may not edit learns no editor's ID52."""
+
+    def test_denial_names_no_editor(self):
+        c = EditorCluster(self)
+        web01 = DaemonHome(self)
+        out = web01.ok("machine", "init", c.cm_id52, "company", "--addr", c.cm.peer_addr(), "--name", "web01")
+        web01_id52 = out.split("machine ID52: ")[1].split()[0]
+        alice = KEYS["alice"].id52
+        c.config.write_text(c.config.read_text().replace('config_editors = "laptop"',
+                                                         f'config_editors = "laptop, {alice}"')
+                            + f'\n[machine.web01]\nid52 = "{web01_id52}"\n')
+        c.cm.ok("rescan")
+        for args in (("download", "company"), ("history", "company")):
+            r = web01.malai("config", *args)
+            self.assertEqual(r.returncode, 1, r.stdout)
+            self.assertIn("denied by cluster_manager.config_editors", r.stderr)
+            self.assertNotIn(alice, r.stderr)
+            self.assertNotIn("laptop", r.stderr)
+
+
 class ServiceNameTests(TestCase):
     """#13 item 10: clusters named like the daemon's own services load with the others."""
 

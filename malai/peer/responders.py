@@ -58,7 +58,7 @@ class ClusterResponder(amp.CommandLocator):
         decision = self.cluster.may_edit_config(self.peer.peer)
         if not decision:
             self.log.warn("denied {action} to {peer}: {why}", action=action, peer=self.peer.peer, why=decision)
-            raise NotAllowed(f"{action}: {decision}")
+            raise NotAllowed(f"{action}: {decision.for_caller()}")
         return self.cluster.store
 
     @GetConfig.responder

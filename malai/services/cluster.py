@@ -89,8 +89,8 @@ class ClusterService(MultiService):
 
     def may_edit_config(self, peer: str) -> Decision:
         if self.entry.cluster is None:
-            return Decision(False, "cluster_manager.config_editors",
-                            f"this device does not manage {self.name}; ask its cluster manager")
+            reason = f"this device does not manage {self.name}; ask its cluster manager"
+            return Decision(False, "cluster_manager.config_editors", reason, reason)
         return Acl.for_cluster(self.entry.cluster).can_edit_config(self.entry.cluster.manager.config_editors, peer)
 
     # -- relaying (see malai.peer.relaying) -------------------------------------
