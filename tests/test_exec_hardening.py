@@ -8,18 +8,24 @@ import hashlib
 import json
 import os
 import selectors
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from twisted.trial.unittest import TestCase
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from malai import frames
+from malai.acl import Decision
+from malai.audit import AuditLog
 from malai.cli.remote import Options, request
 from malai.config.cluster import parse_cluster, render_cluster
+from malai.peer.execution import KILL_GRACE, ExecRequest, ExecSession
 from tests.helpers import LoopbackCluster, run_malai, wait_for
 
 MALAI = str(Path(sys.executable).with_name("malai"))
@@ -117,8 +123,6 @@ class ExecHardeningTests(TestCase):
         err_r, err_w = socket.socketpair()
         for s in (out_r, out_w, err_r, err_w):
             s.setblocking(False)  # as rsync hands its remote shell: O_NONBLOCK on the shared description
-        import subprocess
-
         proc = subprocess.Popen([MALAI, "web01.company", "sh", "-c", f"cat {big}; head -c {err_size} {big} >&2"],
                                 stdin=subprocess.DEVNULL, stdout=out_w.fileno(), stderr=err_w.fileno(),
                                 env=dict(os.environ, MALAI_HOME=str(self.homes["laptop"].root)))
@@ -253,3 +257,77 @@ class ExecHardeningTests(TestCase):
             wait_for(lambda w=word: not processes_with(f"sleep {w}"), what="the remote command to be killed")
         time.sleep(0.5)
         self.assertNoNewTracebacks(before)
+
+
+class _Child:
+    """What ExecSession uses of a spawned process, around a real ``sleep`` in a group of its own."""
+
+    def __init__(self, popen):
+        self.popen, self.pid, self.pipes = popen, popen.pid, {}
+
+    def write(self, data):
+        pass
+
+    def closeStdin(self):
+        pass
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+
+class _Reactor(MemoryReactorClock):
+    def __init__(self):
+        super().__init__()
+        self.children = []
+
+    def spawnProcess(self, proto, executable, args, env=None, path=None, uid=None, gid=None, usePTY=False):
+        child = _Child(subprocess.Popen(["sleep", "30"], start_new_session=True))
+        self.children.append(child)
+        return child
+
+
+class SessionTimerTests(SynchronousTestCase):
+    """The session's timers with a fake clock and a real process group: none outlives the session."""
+
+    def session(self, timeout=None):
+        reactor = _Reactor()
+        request = ExecRequest("caller", "", "company", ["sleep"], ["sleep", "30"], "me", None, None, "/",
+                              {"PATH": os.environ["PATH"]}, False, 24, 80, timeout, Decision(True, "rule", "why"))
+        session = ExecSession(reactor, request, AuditLog(Path(self.mktemp()) / "audit.jsonl"))
+        transport = StringTransport()
+        session.makeConnection(transport)
+        child = reactor.children[0]
+        self.addCleanup(lambda: (child.popen.poll() is None and child.popen.kill(), child.popen.wait()))
+        return reactor, session, transport, child
+
+    def test_caller_gone_then_process_ended_leaves_no_timer(self):
+        reactor, session, transport, child = self.session()
+        transport.loseConnection()
+        session.connectionLost(None)
+        self.assertEqual(child.popen.wait(10), -signal.SIGHUP)
+        self.assertEqual([c.getTime() for c in reactor.getDelayedCalls()], [KILL_GRACE])
+        written = transport.value()
+        session.ended(None, signal.SIGHUP)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertEqual(transport.value(), written)  # nothing written to a link that is gone
+
+    def test_time_out_then_process_ended_leaves_no_timer(self):
+        reactor, session, transport, child = self.session(timeout=5)
+        reactor.advance(5)
+        self.assertEqual(child.popen.wait(10), -signal.SIGTERM)
+        session.ended(None, signal.SIGTERM)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        parsed = list(frames.FrameParser().feed(transport.value()))
+        self.assertEqual(json.loads(parsed[-1][1])["code"], 124)
+        self.assertTrue(transport.disconnecting)
+
+    def test_stubborn_group_is_killed_after_the_grace(self):
+        reactor, session, transport, child = self.session()
+        os.killpg(child.pid, signal.SIGSTOP)  # SIGHUP stays pending: only SIGKILL ends it
+        session.connectionLost(None)
+        child.pid = None  # as Twisted does once the leader is reaped, while the group may hold its pipes
+        reactor.advance(KILL_GRACE)
+        self.assertEqual(child.popen.wait(10), -signal.SIGKILL)
