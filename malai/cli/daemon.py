@@ -12,6 +12,7 @@ from malai.cli.common import home_of, print_json, run_twisted
 from malai.errors import MalaiError
 from malai.home import Home
 from malai.lock import DaemonLock
+from malai.logs import DEFAULT_FILES, DEFAULT_SIZE
 
 RUNNING, NOT_RUNNING, STALE, NOT_ANSWERING = "RUNNING", "NOT RUNNING", "STALE", "NOT ANSWERING"
 EXIT_NOT_RUNNING = 3
@@ -26,6 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--listen", action="append", default=[], metavar="ENDPOINT",
                    help="peer listen endpoint, e.g. tcp:7420 (repeatable; default [daemon] listen, else tcp:7420)")
     p.add_argument("--json-logs", action="store_true", help="log JSON lines instead of text")
+    p.add_argument("--log-size", type=_at_least(10_000), default=DEFAULT_SIZE, metavar="BYTES",
+                   help=f"rotate malai.log at this size (default {DEFAULT_SIZE})")
+    p.add_argument("--log-files", type=_at_least(1), default=DEFAULT_FILES, metavar="N",
+                   help=f"rotated logs to keep; older ones are deleted (default {DEFAULT_FILES})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon to answer")
     p.set_defaults(run=run_daemon)
 
@@ -41,11 +46,21 @@ def add_parser(sub) -> None:
     t.set_defaults(run=run_stop)
 
 
-def twistd_argv(home: Home, args, logfile: str) -> List[str]:
+def _at_least(least: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"integer of at least {least}"
+    return parse
+
+
+def twistd_argv(home: Home, args) -> List[str]:
+    """twistd in the foreground, logging through ``malai.logs`` (to ``$MALAI_LOG_FILE``)."""
     twistd = str(Path(sys.executable).with_name("twistd"))
-    argv = [twistd, "--nodaemon", "--pidfile=", f"--logfile={logfile}"]
-    if args.json_logs:
-        argv.append("--logger=malai.logs.json_observer")
+    argv = [twistd, "--nodaemon", "--pidfile=", f"--logger=malai.logs.{'json' if args.json_logs else 'text'}_observer"]
     argv += ["malai", "--home", str(home.root)]
     for listen in args.listen:
         argv += ["--listen", listen]
@@ -55,10 +70,11 @@ def twistd_argv(home: Home, args, logfile: str) -> List[str]:
 def run_daemon(args) -> int:
     home = home_of(args)
     home.ensure()
-    env = dict(os.environ, MALAI_HOME=str(home.root))
+    env = dict(os.environ, MALAI_HOME=str(home.root), MALAI_LOG_SIZE=str(args.log_size),
+               MALAI_LOG_FILES=str(args.log_files))
     if args.foreground:
         env["MALAI_LOG_FILE"] = "-"
-        argv = twistd_argv(home, args, "-")
+        argv = twistd_argv(home, args)
         os.execve(argv[0], argv, env)
     pid = DaemonLock(home.lock).holder()
     if pid:
@@ -68,7 +84,7 @@ def run_daemon(args) -> int:
     env["MALAI_LOG_FILE"] = str(logfile)
     output = home.log_dir / "daemon.out"
     with open(output, "wb") as out:
-        proc = subprocess.Popen(twistd_argv(home, args, str(logfile)), env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(twistd_argv(home, args), env=env, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:

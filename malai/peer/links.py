@@ -3,16 +3,21 @@ traffic; ``SpareLinks``: links made ready ahead for byte streams, one stream eac
 
 from typing import Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
+from twisted.internet.defer import TimeoutError as WaitTimedOut
 from twisted.logger import Logger
 
 from malai.identity import Identity
-from malai.p2p.dial import Dialer
+from malai.p2p.dial import Dialer, DialError
 from malai.peer.protocol import PeerAMP, PeerAMPFactory
 
-__all__ = ["LinkPool", "SpareLinks", "dial_ready"]
+__all__ = ["MAX_DIALS_PER_PEER", "LinkPool", "SpareLinks", "dial_ready"]
 
 Key = Tuple[str, str]
+
+#: Stream links dialed to one peer at a time; more wait their turn, so a burst of streams
+#: stays under the peer's cap on handshakes in progress per source address.
+MAX_DIALS_PER_PEER = 32
 
 
 def dial_ready(dialer: Dialer, local: Identity, peer: str, factory: PeerAMPFactory,
@@ -74,9 +79,10 @@ class LinkPool:
         self._links[key] = link
         link.closed.addCallback(self._closed, key)
 
-    def _closed(self, link: PeerAMP, key: Key) -> None:
+    def _closed(self, link: PeerAMP, key: Key) -> PeerAMP:
         if self._links.get(key) is link:
             del self._links[key]
+        return link  # for the observers after us (a keeper)
 
     def current(self, local: str, peer: str) -> Optional[PeerAMP]:
         """The open link between ``local`` and ``peer``, without dialing."""
@@ -111,23 +117,39 @@ class SpareLinks:
         self.spares = spares
         self._ready: Dict[Key, List[PeerAMP]] = {}
         self._dialing: Dict[Key, int] = {}
+        self._turns: Dict[Key, DeferredSemaphore] = {}
 
     def take(self, local: Identity, peer: str) -> Deferred:
         """Fire with a ready link to ``peer`` that belongs to the caller alone."""
-        key = (local.id52, peer)
-        ready = self._ready.get(key, [])
-        link = ready.pop(0) if ready else None
+        ready = self._ready.get((local.id52, peer), [])
+        taken = succeed(ready.pop(0)) if ready else self._dial(local, peer)
         self._refill(local, peer)
-        if link is not None:
-            return succeed(link)
-        return dial_ready(self.dialer, local, peer, self.factory)
+        return taken
+
+    def _dial(self, local: Identity, peer: str) -> Deferred:
+        """``dial_ready`` once fewer than ``MAX_DIALS_PER_PEER`` dials to ``peer`` are in progress,
+        within the dialer's timeout."""
+        turns = self._turns.setdefault((local.id52, peer), DeferredSemaphore(MAX_DIALS_PER_PEER))
+        timeout = self.dialer.timeout
+
+        def dial(_) -> Deferred:
+            d = dial_ready(self.dialer, local, peer, self.factory)
+            d.addBoth(lambda result: (turns.release(), result)[1])
+            return d
+
+        def waited(failure):
+            failure.trap(WaitTimedOut)
+            raise DialError(f"cannot reach {peer}: {MAX_DIALS_PER_PEER} links to it were still being dialed "
+                            f"after {timeout:g}s")
+
+        return turns.acquire().addTimeout(timeout, self.dialer.reactor).addCallbacks(dial, waited)
 
     def _refill(self, local: Identity, peer: str) -> None:
         key = (local.id52, peer)
         missing = self.spares - len(self._ready.get(key, [])) - self._dialing.get(key, 0)
         for _ in range(missing):
             self._dialing[key] = self._dialing.get(key, 0) + 1
-            d = dial_ready(self.dialer, local, peer, self.factory)
+            d = self._dial(local, peer)
             d.addCallbacks(self._spare, self._spare_failed, callbackArgs=(key,), errbackArgs=(key,))
 
     def _spare(self, link: PeerAMP, key: Key) -> None:
@@ -138,10 +160,14 @@ class SpareLinks:
     def _spare_failed(self, failure, key: Key) -> None:
         self._dialing[key] -= 1  # the next take dials in the open and reports the error
 
-    def _discard(self, link: PeerAMP, key: Key) -> None:
+    def _discard(self, link: PeerAMP, key: Key) -> PeerAMP:
         ready = self._ready.get(key, [])
         if link in ready:
             ready.remove(link)
+        return link
+
+    def links(self) -> List[PeerAMP]:
+        return [link for links in self._ready.values() for link in links]
 
     def close(self, local: Optional[str] = None) -> Deferred:
         """Close the spares (of the ``local`` ID52 only, if given)."""

@@ -8,12 +8,18 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 
 import malai
 from malai.p2p.link import PeerAddress
 from malai.peer.commands import PROTOCOL_VERSION, Hello, IncompatibleVersion, Ping
 
-__all__ = ["HelloInfo", "PeerAMP", "PeerAMPFactory", "QuietAMP"]
+__all__ = ["MAX_BOX_BYTES", "MAX_BOX_KEYS", "HelloInfo", "PeerAMP", "PeerAMPFactory", "QuietAMP"]
+
+#: The most one box may hold, on the wire and in keys: a ``Chunked`` config body of
+#: thousands of machines fits; a box past either limit closes the connection.
+MAX_BOX_BYTES = 4 * 1024 * 1024
+MAX_BOX_KEYS = 256
 
 
 @attrs.frozen
@@ -28,7 +34,30 @@ class HelloInfo:
 
 class QuietAMP(amp.AMP):
     """AMP without its two log lines per connection (a forward opens a link per
-    connection; every CLI command opens a control connection)."""
+    connection; every CLI command opens a control connection), and with bounded input.
+
+    A box over ``MAX_BOX_BYTES`` or ``MAX_BOX_KEYS``, a box AMP cannot take (no
+    command, an answer to nothing, an argument that does not parse) or a command
+    failing with an error its signature does not declare costs one log line, and the
+    connection is aborted: nothing more is read from it.
+    """
+
+    log = Logger()
+    refused: Optional[str] = None  # why this connection was closed
+    _box_bytes = 0
+    _box_keys = 0
+
+    def describe(self) -> str:
+        return "a control connection"
+
+    def refuse(self, why: str) -> None:
+        """Log ``why`` once, abort the connection and ignore what else it sends."""
+        if self.refused is not None:
+            return
+        self.refused = why
+        self.log.warn("closing {conn}: {why}", conn=self.describe(), why=why)
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def makeConnection(self, transport) -> None:
         amp.BinaryBoxProtocol.makeConnection(self, transport)
@@ -36,6 +65,51 @@ class QuietAMP(amp.AMP):
     def connectionLost(self, reason) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
+
+    # -- input ------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused is not None:
+            return
+        try:
+            super().dataReceived(data)
+        except Exception as e:  # raised by AMP's parser or its dispatch, not by a responder
+            self.refuse(f"malformed input: {_brief(e)}")
+
+    def stringReceived(self, string: bytes) -> None:
+        if self.refused is not None:
+            return
+        self._box_bytes += 2 + len(string)
+        if string and self.state in ("init", "key"):
+            self._box_keys += 1
+        if self._box_bytes > MAX_BOX_BYTES or self._box_keys > MAX_BOX_KEYS:
+            self.refuse(f"a box over {MAX_BOX_BYTES} bytes or {MAX_BOX_KEYS} keys")
+            return
+        super().stringReceived(string)
+        if self.state == "init":  # the box is complete
+            self._box_bytes = self._box_keys = 0
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.refuse(f"a key of {length} bytes")
+
+    # -- errors -------------------------------------------------------------------
+    def dispatchCommand(self, box) -> Deferred:
+        d = super().dispatchCommand(box)
+        d.addErrback(self._command_failed, box[amp.COMMAND])
+        return d
+
+    def _command_failed(self, failure: Failure, command: bytes) -> Failure:
+        if not failure.check(amp.RemoteAmpError):  # an error the command does not declare
+            self.refuse(f"{command.decode('ascii', 'replace')!r} failed: {_brief(failure.value)}")
+            failure = Failure(amp.RemoteAmpError(amp.UNKNOWN_ERROR_CODE, "Unknown Error", fatal=True))
+        return failure
+
+    def unhandledError(self, failure: Failure) -> None:
+        self.refuse(_brief(failure.value))
+
+
+def _brief(error: BaseException) -> str:
+    """An exception as one short line, safe to log whatever the peer put in it."""
+    return f"{type(error).__name__}: {repr(str(error))[1:-1][:200]}"
 
 
 class PeerAMP(QuietAMP, TimeoutMixin):
@@ -84,14 +158,19 @@ class PeerAMP(QuietAMP, TimeoutMixin):
             self.ready.errback(reason)
         self.transport.loseConnection()
 
+    def describe(self) -> str:
+        return f"the link with {self.peer.peer}"
+
     def connectionLost(self, reason) -> None:
         self.setTimeout(None)
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
-        super().connectionLost(reason)
-        if self.dialer and not self.ready.called:  # an accepted link that never said Hello: nobody waits
-            self.ready.errback(reason)
-        self.closed.callback(self)
+        try:
+            super().connectionLost(reason)
+            if self.dialer and not self.ready.called:  # an accepted link that never said Hello: nobody waits
+                self.ready.errback(reason)
+        finally:
+            self.closed.callback(self)  # whatever happened above: pools and shutdown wait for it
 
     def timeoutConnection(self) -> None:
         self.log.debug("closing idle link to {peer}", peer=self.peer.peer)

@@ -95,7 +95,7 @@ class LinkKeeper:
             self.link = link
             self.log.info("{cluster}: linked to {label} via {hint}", cluster=self.cluster.name, label=self.label,
                           hint=link.peer.hint or "its link")
-            link.closed.addCallback(self.lost)
+            link.closed.addCallback(self._closed)
         self._delay = RETRY_FIRST
         self._schedule(self.heartbeat)
 
@@ -103,18 +103,27 @@ class LinkKeeper:
     def _back_off(self, reason: str):
         self.log.info("{cluster}: {label} unreachable ({reason}); retrying in {delay:g}s", cluster=self.cluster.name,
                       label=self.label, reason=reason, delay=self._delay)
-        self._schedule(self._delay)
-        self._delay = min(self._delay * 2, RETRY_MAX)
+        self._retry_later()
 
     @machine.output()
     def _forget(self, link):
         if link is self.link:
             self.link = None
-            self._schedule(self._delay)
+            self.log.info("{cluster}: lost the link to {label}; re-dialing in {delay:g}s", cluster=self.cluster.name,
+                          label=self.label, delay=self._delay)
+            self._retry_later()
 
     @machine.output()
     def _cancel(self):
         self._cancel_timer()
+
+    def _closed(self, link):
+        self.lost(link)
+        return link  # for the observers after us
+
+    def _retry_later(self) -> None:
+        self._schedule(self._delay)
+        self._delay = min(self._delay * 2, RETRY_MAX)
 
     def _cancel_timer(self) -> None:
         if self._call is not None and self._call.active():

@@ -33,6 +33,7 @@ from malai.services.tor import TorService
 __all__ = ["MalaiService"]
 
 IDLE_TIMEOUT = 300.0
+ABORT_GRACE = 1.0  # after aborting what stopping left open, before the lock is released anyway
 SPARE_IDLE_TIMEOUT = 60.0
 
 
@@ -61,7 +62,7 @@ class MalaiService(MultiService):
         self.relayer = Relayer(reactor)
         self.tor: Optional[TorService] = None
         self.dialer.kinds["relay"] = relay_endpoint(self.dialer, lambda: self.hello)
-        self.accept = server_factory(self.tls, self._route)  # peer links, direct or arriving through a relay
+        self.accept = server_factory(self.tls, self._route, reactor)  # peer links, direct or arriving through a relay
         self.clusters: Dict[str, ClusterService] = {}
         self.listeners: List[ListeningService] = []
         for description in listen:
@@ -131,22 +132,43 @@ class MalaiService(MultiService):
 
     @inlineCallbacks
     def stopService(self):
-        """Stop accepting, let links finish up to ``stop_timeout``, then release the lock."""
+        """Stop accepting, let links finish for up to ``stop_timeout`` seconds, abort those
+        left, then release the lock: never later than ``stop_timeout`` + ``ABORT_GRACE``."""
         self.log.info("stopping")
+        deadline = self.reactor.seconds() + self.stop_timeout
         for svc in [self.control, *self.listeners]:
             if svc.running:
-                yield svc.stopService()
+                yield self._until(svc.stopService(), deadline)
         closing = DeferredList([self.pool.close(), self.streams.close()])
-        timeout = self.reactor.callLater(self.stop_timeout, self._abort_links)
-        yield closing
-        if timeout.active():
-            timeout.cancel()
+        yield self._until(closing, deadline)
+        if not closing.called:
+            self._abort_links()
         self.http_upstreams.close()
-        yield super().stopService()
+        yield self._until(DeferredList([closing, super().stopService()]), deadline + ABORT_GRACE)
         self.lock.release()
 
+    def _until(self, d: Optional[Deferred], deadline: float) -> Deferred:
+        """Fires when ``d`` does or at ``deadline``, whichever comes first."""
+        out: Deferred = Deferred()
+        if d is None:
+            out.callback(None)
+            return out
+        call = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), out.callback, None)
+
+        def fired(result):
+            if call.active():
+                call.cancel()
+                out.callback(None)
+            return result
+
+        d.addBoth(fired)
+        return out
+
     def _abort_links(self) -> None:
-        for link in self.pool.links():
+        links = [link for link in (*self.pool.links(), *self.streams.links()) if link.transport is not None]
+        self.log.warn("aborting {count} links still open after {timeout:g}s", count=len(links),
+                      timeout=self.stop_timeout)
+        for link in links:
             link.transport.abortConnection()
 
     # -- peers ------------------------------------------------------------------
