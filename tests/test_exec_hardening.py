@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -113,10 +114,14 @@ class ExecHardeningTests(TestCase):
                 return out
 
     # -- #13 item 0: the client never drops output -------------------------------------------------
-    def test_nonblocking_stdout_and_stderr_lose_nothing(self):
-        data = os.urandom(24 * 1024 * 1024)
+    def big_file(self):
         big = self.dir / "big"
-        big.write_bytes(data)
+        if not big.exists():
+            big.write_bytes(os.urandom(24 * 1024 * 1024))
+        return big, big.read_bytes()
+
+    def test_nonblocking_stdout_and_stderr_lose_nothing(self):
+        big, data = self.big_file()
         err_size = 4 * 1024 * 1024
         expected = {"out": hashlib.sha256(data).hexdigest(), "err": hashlib.sha256(data[:err_size]).hexdigest()}
         out_r, out_w = socket.socketpair()
@@ -146,6 +151,17 @@ class ExecHardeningTests(TestCase):
         code = proc.wait(30)
         self.assertEqual((code, sizes["out"], sizes["err"]), (0, len(data), err_size))
         self.assertEqual({k: v.hexdigest() for k, v in got.items()}, expected)
+
+    def test_rsync_pull_through_malai(self):
+        if shutil.which("rsync") is None:
+            self.skipTest("rsync is not installed")
+        big, data = self.big_file()
+        dest = Path(self.mktemp())
+        dest.mkdir(parents=True)
+        r = subprocess.run(["rsync", "-a", "-e", MALAI, f"web01.company:{big}", str(dest)], capture_output=True,
+                           timeout=120, env=dict(os.environ, MALAI_HOME=str(self.homes["laptop"].root)))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(hashlib.sha256((dest / "big").read_bytes()).digest(), hashlib.sha256(data).digest())
 
     # -- #13 item 1: command entries run exactly what the config says -----------------------------
     def test_command_entry_refuses_extra_words(self):
@@ -213,7 +229,7 @@ class ExecHardeningTests(TestCase):
 
     def _bad_frame(self, frame: bytes, tty: bool):
         before = self.log_text()
-        word = f"{900 + os.getpid() % 100}.{len(frame)}{int(tty)}"
+        word = f"{os.getpid()}.{len(frame)}{int(tty)}"
         sock, refused, early = self.raw_exec(["sh", "-c", f"echo ready; sleep {word}"], tty=tty)
         self.assertIsNone(refused)
         wait_for(lambda: processes_with(f"sleep {word}"), what="the remote sleep")
@@ -247,7 +263,7 @@ class ExecHardeningTests(TestCase):
         before = self.log_text()
         words = []
         for tty in (False, True):
-            word = f"{800 + os.getpid() % 100}.{int(tty)}"
+            word = f"{os.getpid()}0.{int(tty)}"
             words.append(word)
             sock, refused, _ = self.raw_exec(["sh", "-c", f"trap '' HUP; sleep {word}"], tty=tty)
             self.assertIsNone(refused)
