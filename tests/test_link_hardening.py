@@ -299,7 +299,10 @@ def client_hello(addr: str, server_id52: str) -> socket.socket:
         tls.do_handshake()
     except ssl.SSLWantReadError:
         pass
-    sock.sendall(outgoing.read())
+    try:
+        sock.sendall(outgoing.read())
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # over the cap: closed at once
     return sock
 
 
