@@ -85,7 +85,7 @@ class ExecThroughControlTests(TestCase):
         """Each succeeds, or is refused with a clear message (#13 item 13: 67 of 200 lost to EINVAL)."""
         env = dict(os.environ, MALAI_HOME=str(self.laptop.root))
         started = time.monotonic()
-        procs = [subprocess.Popen([MALAI, "web01.company", "sleep", "5"], env=env, stdout=subprocess.PIPE,
+        procs = [subprocess.Popen([MALAI, "web01.company", "true"], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE) for _ in range(200)]
         results = [(p.wait(60), p.stderr.read().decode()) for p in procs]
         for p in procs:
@@ -231,6 +231,41 @@ class CrowdTests(TestCase):
         results = yield DeferredList([call(reactor, home / "malai.socket", Status) for _ in range(1500)])
         failures = [r.getErrorMessage() for ok, r in results if not ok]
         self.assertEqual(len(failures), 0, f"{len(failures)} of 1500 failed: {set(failures)}")
+
+    def test_the_exec_client_waits_for_room_within_a_bound(self):
+        """``malai <machine> cmd`` connects blocking: the kernel holds it while the accept queue is
+        full; a daemon that never accepts gets a clear error after CONNECT_TIMEOUT, not a hang."""
+        import signal
+
+        from malai.cli import remote
+
+        self.patch(remote, "CONNECT_TIMEOUT", 0.5)
+        home = short_home(self)
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(home / "malai.socket"))
+        os.chmod(home / "malai.socket", 0o600)
+        server.listen(0)
+        queued = []
+        while True:  # fill the accept queue
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            queued.append(s)
+            if s.connect_ex(str(home / "malai.socket")):
+                break
+        self.addCleanup(lambda: [s.close() for s in [server, *queued]])
+
+        def hung(*_):
+            raise AssertionError("connect still waits after 5 s")
+
+        previous = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(5)
+        try:
+            with self.assertRaises(ConnectionError) as caught:
+                remote.connect(home)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        self.assertIn("too many callers", str(caught.exception))
 
 
 def _env(home: Path) -> dict:

@@ -30,6 +30,7 @@ __all__ = ["looks_like_target", "main"]
 
 EXIT_DENIED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 126, 2, 255, 124
 CONNECT_TIMEOUT = 10.0  # seconds to wait for room in the daemon's accept queue
+CONNECT_TIMEOUT = 10.0  # seconds to wait for room in the daemon's accept queue
 STDOUT, STDERR = 1, 2
 FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 ERROR_EXIT = {b"DENIED": EXIT_DENIED, b"UNKNOWN": EXIT_USAGE, b"UNREACHABLE": EXIT_UNREACHABLE}
@@ -135,16 +136,27 @@ def connect(home: Path) -> Tuple[socket.socket, Optional[subprocess.Popen]]:
         if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
             raise ConnectionError(f"{path}: not a private socket of yours; refusing to use it")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A blocking connect waits while the daemon's accept queue is full; this bounds the wait.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(CONNECT_TIMEOUT))
         try:
             s.connect(str(path))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
             return s, None
         except (ConnectionRefusedError, FileNotFoundError):
             s.close()
+        except BlockingIOError:
+            s.close()
+            raise ConnectionError(f"the daemon accepted no connection within {CONNECT_TIMEOUT:g}s "
+                                  "(too many callers at once?); try again") from None
     ours, theirs = socket.socketpair()
     helper = subprocess.Popen([sys.executable, "-m", "malai.cli.direct", str(home), str(theirs.fileno())],
                               pass_fds=[theirs.fileno()])
     theirs.close()
     return ours, helper
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
 
 
 def _strings(items: List[str]) -> bytes:
@@ -377,10 +389,8 @@ def machines_of(home: Path, cluster: str) -> List[str]:
             helper.wait()
     if b"_error" in answer:
         raise LookupError(answer.get(b"_error_description", b"").decode())
-    data, part, names = answer[b"machines"], 2, []
-    while b"machines.%d" % part in answer:  # a long list comes in several values (control.commands.Chunked)
-        data += answer[b"machines.%d" % part]
-        part += 1
+    # a Chunked value (malai.peer.commands): the count of parts, then machines.0, machines.1…
+    data, names = b"".join(answer[b"machines.%d" % i] for i in range(int(answer[b"machines"]))), []
     while data:
         (n,) = struct.unpack_from(">H", data)
         names.append(data[2:2 + n].decode())

@@ -2,44 +2,10 @@
 
 from twisted.protocols import amp
 
-from malai.peer.commands import EXEC_ARGUMENTS
+from malai.peer.commands import EXEC_ARGUMENTS, Chunked
 
-__all__ = ["Chunked", "ControlFailed", "Exec", "ExecDenied", "Machines", "Ping", "Rescan", "Status", "Stop",
-           "UnknownTarget", "Unreachable"]
-
-CHUNK = 0xFFFF  # the most one AMP value holds
-
-
-class Chunked(amp.Argument):
-    """``inner``'s encoding split over as many values as it needs: ``name``, ``name.2``, ``name.3``…
-
-    For answers that grow with the cluster (a status of thousands of machines)."""
-
-    def __init__(self, inner: amp.Argument):
-        super().__init__(inner.optional)
-        self.inner = inner
-
-    def toBox(self, name: bytes, strings, objects, proto) -> None:
-        whole: dict = {}
-        self.inner.toBox(name, whole, objects, proto)
-        data = whole.get(name)
-        if data is not None:
-            for n, start in enumerate(range(0, max(len(data), 1), CHUNK), 1):
-                strings[chunk_key(name, n)] = data[start:start + CHUNK]
-
-    def fromBox(self, name: bytes, strings, objects, proto) -> None:
-        parts, n = [], 1
-        while chunk_key(name, n) in strings:
-            parts.append(strings.pop(chunk_key(name, n)))
-            n += 1
-        if parts:
-            strings[name] = b"".join(parts)
-        self.inner.fromBox(name, strings, objects, proto)
-
-
-def chunk_key(name: bytes, n: int) -> bytes:
-    """The key of the ``n``-th value (from 1) of a ``Chunked`` argument."""
-    return name if n == 1 else b"%s.%d" % (name, n)
+__all__ = ["ControlFailed", "Exec", "ExecDenied", "Machines", "Ping", "Rescan", "Status", "Stop", "UnknownTarget",
+           "Unreachable"]
 
 
 class ControlFailed(Exception):

@@ -48,10 +48,16 @@ _CHUNK = 60000
 
 
 class Chunked(amp.Argument):
-    """Text of any size, split over keys ``name``, ``name.0``, ``name.1``… (AMP values stop at 64 KiB)."""
+    """``inner``'s encoding (text by default) of any size, split over keys ``name.0``, ``name.1``…
+    with their count in ``name`` (AMP values stop at 64 KiB)."""
+
+    def __init__(self, inner: amp.Argument = amp.Unicode()):
+        super().__init__()
+        self.inner = inner
 
     def toBox(self, name, strings, objects, proto):
-        data = self.retrieve(objects, amp._wireNameToPythonIdentifier(name), proto).encode()
+        value = self.retrieve(objects, amp._wireNameToPythonIdentifier(name), proto)
+        data = self.inner.toStringProto(value, proto)
         chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
         strings[name] = str(len(chunks)).encode()
         for i, chunk in enumerate(chunks):
@@ -60,7 +66,7 @@ class Chunked(amp.Argument):
     def fromBox(self, name, strings, objects, proto):
         count = int(self.retrieve(strings, name, proto))
         parts = [strings.pop(name + b"." + str(i).encode()) for i in range(count)]
-        objects[amp._wireNameToPythonIdentifier(name)] = b"".join(parts).decode()
+        objects[amp._wireNameToPythonIdentifier(name)] = self.inner.fromStringProto(b"".join(parts), proto)
 
 
 class Hello(amp.Command):
