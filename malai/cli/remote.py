@@ -30,7 +30,6 @@ __all__ = ["looks_like_target", "main"]
 
 EXIT_DENIED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 126, 2, 255, 124
 CONNECT_TIMEOUT = 10.0  # seconds to wait for room in the daemon's accept queue
-CONNECT_TIMEOUT = 10.0  # seconds to wait for room in the daemon's accept queue
 STDOUT, STDERR = 1, 2
 FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 ERROR_EXIT = {b"DENIED": EXIT_DENIED, b"UNKNOWN": EXIT_USAGE, b"UNREACHABLE": EXIT_UNREACHABLE}
