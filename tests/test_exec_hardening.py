@@ -4,6 +4,7 @@ Covers issue 13 items 0, 1 and 9 (exec part) and issue 22 item 6 (exec part): ou
 non-blocking stdout, command entries run exactly what the config says, malformed session parameters and
 frames get a short refusal in that session only, and a caller that leaves early leaves no traceback."""
 
+import atexit
 import hashlib
 import json
 import os
@@ -58,6 +59,7 @@ class ExecHardeningTests(TestCase):
     @classmethod
     def _build(cls):
         cls.dir = Path(tempfile.mkdtemp(prefix="malai-exech-", dir="/tmp"))
+        atexit.register(shutil.rmtree, cls.dir, True)
         (cls.dir / "name").write_text("web01-name\n")
         (cls.dir / "secret").write_text("TOP-SECRET\n")
 
