@@ -14,7 +14,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from malai.ampbox import encode_box
-from tests.helpers import MALAI, LoopbackCluster, run_malai, short_home, wait_for
+from tests.helpers import MALAI, DaemonHome, LoopbackCluster, run_malai, short_home, wait_for
 
 
 def children(pid: int) -> list:
@@ -266,6 +266,42 @@ class CrowdTests(TestCase):
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
         self.assertIn("too many callers", str(caught.exception))
+
+
+class HugeBoxTests(TestCase):
+    """#13 item 4 on the control socket: a box of 256 MB is cut off, the daemon stays small and serves."""
+
+    def test_a_huge_box_closes_the_connection(self):
+        home = DaemonHome(self)
+        home.start()
+        pid = home.pid()
+        before = rss(pid)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(home.root / "malai.socket"))
+        s.settimeout(10)
+        value = b"x" * 0xFFFF
+        try:
+            s.sendall(encode_box({b"_command": b"Status", b"_ask": b"1"})[:-2])  # a box left open
+            for i in range(4000):  # 4,000 keys of 64 KiB
+                s.sendall(struct.pack(">H", 6) + b"k%05d" % i + struct.pack(">H", len(value)) + value)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except socket.timeout:
+            self.fail(f"the daemon stopped reading but kept the connection (RSS {rss(pid) - before} kB more)")
+        else:
+            self.fail(f"the daemon read a box of 256 MB (RSS {rss(pid) - before} kB more)")
+        finally:
+            s.close()
+        self.assertLess(rss(pid) - before, 32 * 1024, "kB of RSS grown")
+        self.assertEqual(home.status()["state"], "RUNNING")
+
+
+def rss(pid: int) -> int:
+    """Resident memory of ``pid`` in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def _env(home: Path) -> dict:
