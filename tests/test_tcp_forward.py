@@ -157,6 +157,7 @@ class TcpForwardTests(TestCase):
         self.assertEqual(self._connections_received(), before + 1)
         log = (self.homes["intruder"].root / "log" / "malai.log")
         wait_for(lambda: "denied by machine.db01.tcp.redis.allow_from" in log.read_text(), what="the reason logged")
+        self.assertNotIn(self.cluster.ids["laptop"], log.read_text())  # the rule, not who else may
         audit = [json.loads(line) for line in (self.homes["db01"].root / "log" / "audit.jsonl").read_text().splitlines()]
         self.assertTrue(any(a.get("tcp") == "redis" and a["decision"] == "denied" and a["caller"] ==
                             self.cluster.ids["intruder"] for a in audit))

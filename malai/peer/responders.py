@@ -125,7 +125,7 @@ class ClusterResponder(amp.CommandLocator):
                                  decision="denied", rule=str(e.decision))
             self.log.warn("{cluster}: {caller} denied {kind}.{service}: {why}", cluster=cluster.name,
                           caller=name or caller, kind=kind, service=service, why=e.decision)
-            raise NotAllowed(str(e)) from None
+            raise NotAllowed(e.for_caller()) from None
         if kind == "tcp":
             return open_tcp(cluster.daemon.reactor, target, decision, self.peer, name, cluster.name, cluster.audit)
         who = Caller(caller, name, config.manager.cluster_name, getattr(self.peer.address, "host", ""))
