@@ -203,10 +203,14 @@ class ExecHardeningTests(TestCase):
         before = self.log_text()
         marker = self.dir / "timeout-marker"
         for value in ("-1", "0", "nan", "inf", "-inf"):
-            r = self.run_("--timeout", value, "web01.company", "touch", str(marker))
-            self.assertEqual(r.returncode, 1, (value, r.stderr))
+            r = self.run_("--timeout", value, "web01.company", "touch", str(marker))  # the client refuses
+            self.assertEqual(r.returncode, 2, (value, r.stderr))
             self.assertIn("timeout must be a positive number of seconds", r.stderr)
             self.assertLess(len(r.stderr), 200, r.stderr)
+            sock, refused, _ = self.raw_exec(["touch", str(marker)], timeout=float(value))  # and so does web01
+            self.assertEqual(refused[0], 1, value)
+            self.assertIn("timeout must be a positive number of seconds", refused[1])
+            sock.close()
             self.assertFalse(marker.exists(), value)
         r = self.run_("--timeout", "5", "web01.company", "echo", "fine")
         self.assertEqual((r.stdout, r.returncode), ("fine\n", 0))

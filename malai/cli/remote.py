@@ -85,6 +85,8 @@ def parse(argv: List[str]) -> Tuple[Options, str, List[str]]:
             try:
                 if word == "--timeout":
                     opts.timeout = float(value)
+                    if not 0 < opts.timeout < float("inf"):
+                        raise SystemExit(f"malai: --timeout {value}: timeout must be a positive number of seconds")
                 elif word == "--parallel":
                     opts.parallel = max(1, int(value))
                 else:
