@@ -268,6 +268,45 @@ class CrowdTests(TestCase):
         self.assertIn("too many callers", str(caught.exception))
 
 
+class SessionLimitTests(TestCase):
+    """Exec sessions past what the daemon's descriptors allow are refused at once, with the reason."""
+
+    def test_sessions_past_the_limit_are_refused(self):
+        from twisted.internet.defer import Deferred
+        from twisted.internet.error import ConnectionDone
+        from twisted.internet.testing import StringTransport
+        from twisted.python.failure import Failure
+
+        from malai.control.server import ControlFactory
+
+        class Root:
+            class streams:
+                take = staticmethod(lambda identity, peer: Deferred())  # a link that is still dialed
+
+            def cluster(self, alias):
+                class Cluster:
+                    identity = None
+                    target = staticmethod(lambda machine: "p" * 52)
+                return Cluster()
+
+        factory = ControlFactory(Root(), max_sessions=2)
+        conns = []
+        for _ in range(3):
+            proto = factory.buildProtocol(None)
+            proto.makeConnection(StringTransport())
+            proto.dataReceived(exec_box(["true"]))
+            conns.append(proto)
+        answers = [proto.transport.value() for proto in conns]
+        self.assertEqual(answers[:2], [b"", b""])  # waiting for their links
+        self.assertIn(b"FAILED", answers[2])
+        self.assertIn(b"2 sessions at once", answers[2])
+        conns[0].connectionLost(Failure(ConnectionDone()))
+        late = factory.buildProtocol(None)
+        late.makeConnection(StringTransport())
+        late.dataReceived(exec_box(["true"]))
+        self.assertEqual(late.transport.value(), b"")
+
+
 class HugeBoxTests(TestCase):
     """#13 item 4 on the control socket: a box of 256 MB is cut off, the daemon stays small and serves."""
 

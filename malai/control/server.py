@@ -1,5 +1,8 @@
 """The daemon's side of the control socket: each command delegates to ``MalaiService``."""
 
+import resource
+from typing import Optional
+
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -27,13 +30,17 @@ __all__ = ["ControlFactory", "ControlProtocol"]
 class ControlProtocol(QuietAMP):
     log = Logger()
 
-    def __init__(self, root):
+    def __init__(self, root, factory: "ControlFactory"):
         super().__init__()
         self.root = root
+        self.factory = factory
+        self._session = False  # this connection counts as one of the factory's sessions
         self._exec_link = None  # the link an Exec in flight asked to run a command
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
+        if self._session:
+            self.factory.sessions -= 1
         if self._exec_link is not None:  # the caller left: the machine kills what it started
             self._exec_link.transport.loseConnection()
 
@@ -93,6 +100,11 @@ class ControlProtocol(QuietAMP):
             peer = svc.target(machine)
         except MalaiError as e:
             raise UnknownTarget(str(e)) from None
+        if self.factory.sessions >= self.factory.max_sessions:
+            raise ControlFailed(f"this daemon runs {self.factory.max_sessions} sessions at once, as many as its "
+                                "open-files limit allows; try again later (or raise the limit: LimitNOFILE=)")
+        self.factory.sessions += 1
+        self._session = True
         try:
             link = yield self.root.streams.take(svc.identity, peer)
         except Exception as e:
@@ -131,11 +143,20 @@ def _text(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
+def session_limit() -> int:
+    """Exec sessions at once: each holds two descriptors here (the caller's connection and
+    its link); a quarter of the open-files limit stays for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft * 3 // 8) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 class ControlFactory(Factory):
     noisy = False
 
-    def __init__(self, root):
+    def __init__(self, root, max_sessions: Optional[int] = None):
         self.root = root
+        self.sessions = 0  # Exec sessions, from their request to the end of their connection
+        self.max_sessions = session_limit() if max_sessions is None else max_sessions
 
     def buildProtocol(self, addr) -> ControlProtocol:
-        return ControlProtocol(self.root)
+        return ControlProtocol(self.root, self)
