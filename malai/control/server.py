@@ -30,17 +30,17 @@ __all__ = ["ControlFactory", "ControlProtocol"]
 class ControlProtocol(QuietAMP):
     log = Logger()
 
-    def __init__(self, root, factory: "ControlFactory"):
+    def __init__(self, root, listener: Optional["ControlFactory"] = None):
         super().__init__()
         self.root = root
-        self.factory = factory
-        self._session = False  # this connection counts as one of the factory's sessions
+        self.listener = listener if listener is not None else ControlFactory(root)  # counts the sessions
+        self._session = False  # this connection counts as one of the listener's sessions
         self._exec_link = None  # the link an Exec in flight asked to run a command
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         if self._session:
-            self.factory.sessions -= 1
+            self.listener.sessions -= 1
         if self._exec_link is not None:  # the caller left: the machine kills what it started
             self._exec_link.transport.loseConnection()
 
@@ -100,10 +100,10 @@ class ControlProtocol(QuietAMP):
             peer = svc.target(machine)
         except MalaiError as e:
             raise UnknownTarget(str(e)) from None
-        if self.factory.sessions >= self.factory.max_sessions:
-            raise ControlFailed(f"this daemon runs {self.factory.max_sessions} sessions at once, as many as its "
+        if self.listener.sessions >= self.listener.max_sessions:
+            raise ControlFailed(f"this daemon runs {self.listener.max_sessions} sessions at once, as many as its "
                                 "open-files limit allows; try again later (or raise the limit: LimitNOFILE=)")
-        self.factory.sessions += 1
+        self.listener.sessions += 1
         self._session = True
         try:
             link = yield self.root.streams.take(svc.identity, peer)
