@@ -205,9 +205,10 @@ class BoxLimitTests(TestCase):
     def test_box_of_many_small_keys_closes_the_link(self):
         raw = self.m.link()
         keys = b"".join(struct.pack(">H", 4) + b"%04x" % i + b"\x00\x00" for i in range(65536))
-        sent = send_until_closed(lambda piece: raw.send(piece), (keys[i:i + 16384] for i in range(0, len(keys), 16384)))
+        send_until_closed(lambda piece: raw.send(piece), (keys[i:i + 16384] for i in range(0, len(keys), 16384)))
         self.assertTrue(raw.closed_by_peer(), "the link stayed open")
-        self.assertLess(sent, len(keys))
+        wait_for(lambda: refusals(self.m.log()), what="a log line")
+        self.assertIn(f"{MAX_BOX_KEYS} keys", refusals(self.m.log())[0])
 
     def test_huge_box_on_the_control_socket_closes_it(self):
         before = rss_kib(self.m.pid)
@@ -387,9 +388,9 @@ class LogRotationTests(TestCase):
 
 
 # -- unit tests under fakes -------------------------------------------------------------------
-def open_link() -> tuple:
+def open_link(clock=None) -> tuple:
     """An accepted ``PeerAMP`` past Hello, on a string transport."""
-    link = PeerAMP(PeerAddress("me", "peer-id52"), HelloInfo(), dialer=False, clock=Clock())
+    link = PeerAMP(PeerAddress("me", "peer-id52"), HelloInfo(), dialer=False, clock=clock or Clock())
     transport = StringTransport()
     link.makeConnection(transport)
     link.peer_hello = {"protocol": 1}
@@ -450,14 +451,27 @@ class MalformedBoxUnitTests(SynchronousTestCase):
 
     def test_one_warning_per_link_then_closed(self):
         for name, box in self.MALFORMED.items():
-            link, transport = open_link()
+            clock = Clock()
+            link, transport = open_link(clock)
             with capturedLogs() as events:
                 link.dataReceived(box * 100)
+                clock.advance(1)
             self.assertTrue(transport.disconnected, name)
             self.assertEqual(len(warnings_in(events)), 1, name)
             self.assertEqual([e for e in events if e.get("log_failure")], [], name)  # no traceback
             link.connectionLost(Failure(ConnectionAborted()))
             self.assertTrue(link.closed.called, name)
+
+    def test_a_command_that_fails_is_answered_then_closed(self):
+        clock = Clock()
+        link, transport = open_link(clock)
+        link.dataReceived(self.MALFORMED["bad integer"] * 3)
+        answer, _ = decode_box(transport.value())
+        self.assertEqual((answer[b"_error"], answer[b"_error_code"]), (b"1", b"UNKNOWN"))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        clock.advance(1)  # a peer that never completes the close
+        self.assertTrue(transport.disconnected)
 
     def test_closed_fires_when_the_inner_protocol_fails(self):
         class Broken:

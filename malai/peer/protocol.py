@@ -38,8 +38,9 @@ class QuietAMP(amp.AMP):
 
     A box over ``MAX_BOX_BYTES`` or ``MAX_BOX_KEYS``, a box AMP cannot take (no
     command, an answer to nothing, an argument that does not parse) or a command
-    failing with an error its signature does not declare costs one log line, and the
-    connection is aborted: nothing more is read from it.
+    failing with an error its signature does not declare costs one log line, and
+    nothing more is read: the connection is aborted, or closed once AMP's error
+    answer (``UNKNOWN``) for the failed command is out.
     """
 
     log = Logger()
@@ -50,13 +51,14 @@ class QuietAMP(amp.AMP):
     def describe(self) -> str:
         return "a control connection"
 
-    def refuse(self, why: str) -> None:
-        """Log ``why`` once, abort the connection and ignore what else it sends."""
+    def refuse(self, why: str, abort: bool = True) -> None:
+        """Log ``why`` once and ignore what else the connection sends; abort it, unless
+        an error answer is to go out first (AMP closes the connection after it)."""
         if self.refused is not None:
             return
         self.refused = why
         self.log.warn("closing {conn}: {why}", conn=self.describe(), why=why)
-        if self.transport is not None:
+        if abort and self.transport is not None:
             self.transport.abortConnection()
 
     def makeConnection(self, transport) -> None:
@@ -99,12 +101,14 @@ class QuietAMP(amp.AMP):
 
     def _command_failed(self, failure: Failure, command: bytes) -> Failure:
         if not failure.check(amp.RemoteAmpError):  # an error the command does not declare
-            self.refuse(f"{command.decode('ascii', 'replace')!r} failed: {_brief(failure.value)}")
+            self.refuse(f"{command.decode('ascii', 'replace')!r} failed: {_brief(failure.value)}", abort=False)
             failure = Failure(amp.RemoteAmpError(amp.UNKNOWN_ERROR_CODE, "Unknown Error", fatal=True))
         return failure
 
     def unhandledError(self, failure: Failure) -> None:
         self.refuse(_brief(failure.value))
+        if self.transport is not None:  # refused before, without an answer to close it
+            self.transport.loseConnection()
 
 
 def _brief(error: BaseException) -> str:
@@ -160,6 +164,11 @@ class PeerAMP(QuietAMP, TimeoutMixin):
 
     def describe(self) -> str:
         return f"the link with {self.peer.peer}"
+
+    def refuse(self, why: str, abort: bool = True) -> None:
+        super().refuse(why, abort)
+        if not abort and self._closing is None and self.transport is not None:  # nor wait for the peer forever
+            self._closing = self.callLater(1, self.transport.abortConnection)
 
     def connectionLost(self, reason) -> None:
         self.setTimeout(None)
