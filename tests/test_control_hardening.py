@@ -225,6 +225,35 @@ class BigAnswerTests(TestCase):
         self.assertEqual((code, out), (0, b"10000\n"), err)
 
 
+class ManagerStatusTests(TestCase):
+    """A real manager daemon of 400 machines, none running: once every push failed, its status
+    (about 100 KB) is past one AMP value's 64 KiB. 2,000 machines would take the manager minutes to
+    start (each machine's config is computed from the whole cluster), hence BigAnswerTests."""
+
+    def test_status_and_rescan_of_a_big_manager(self):
+        from malai.identity import Identity
+
+        cm = DaemonHome(self)
+        cm.ok("cluster", "init", "company")
+        path = cm.root / "clusters" / "company" / "cluster.toml"
+        path.write_text(path.read_text() + "".join(
+            f'\n[machine.m{i:04d}]\nid52 = "{Identity.generate().id52}"\n' for i in range(400)))
+        cm.start()
+
+        def every_push_failed() -> bool:
+            r = cm.malai("status", "--json")
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            sync = json.loads(r.stdout)["clusters"][0]["sync"]
+            return len(sync) == 400 and all(m["error"] for m in sync)
+
+        wait_for(every_push_failed, 30, "the manager to record 400 failed pushes")
+        r = cm.malai("status")
+        self.assertEqual((r.returncode, r.stdout.splitlines()[0]), (0, "RUNNING"))
+        r = cm.malai("rescan")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("the running daemon rescans", r.stdout)
+
+
 class NotAnsweringTests(TestCase):
     """A live daemon holds the lock but its socket does not answer: never "not running" (#22 item 3)."""
 
