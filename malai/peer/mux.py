@@ -1,0 +1,740 @@
+"""``MuxLink``: one verified TLS link carrying every stream between two identities, as HTTP/2.
+
+After the pinned TLS handshake (``malai.p2p.link``) the connection speaks HTTP/2
+framing, driven through the sans-IO ``h2`` library. The dialer is the h2 client.
+
+Streams, in both directions
+    Every byte stream is one HTTP/2 stream, opened by ``MuxLink.open(kind, target,
+    protocol)`` with a HEADERS frame ``:method CONNECT``, ``:authority <target>``,
+    ``malai-kind <kind>`` and the opener's other headers. The other side hands a
+    ``StreamRequest`` to its responder, which returns (or fires a Deferred with) the
+    protocol for the stream, or raises ``StreamRefused``; the answer is ``:status 200``,
+    or a refusal with ``malai-error``/``malai-reason`` that the opener's Deferred fails
+    with, so the caller prints the reason. Nothing reaches the responder's protocol
+    before it is accepted. The stream itself is ``malai.peer.streams.MuxStream``.
+
+    Either side opens streams: the dialer on odd IDs, the listener on even IDs, each
+    with a plain HEADERS frame. HTTP/2 reserves even IDs for server push, but ``h2``
+    keeps a stream's role (request or response side) per stream, from who sent the
+    first HEADERS, not per connection: an h2 server may ``send_headers`` on a new even
+    stream and an h2 client receives it as a ``RequestReceived``, with the same header
+    validation, limits and flow control as its own streams (checked in h2 4.4's
+    ``H2Stream`` state machine; exercised by tests/test_mux.py). Both ends are malai,
+    so no general-purpose HTTP/2 peer ever sees this. It costs nothing: an open from
+    the listener is the same one HEADERS frame as from the dialer (bench/mux_link.py
+    times both), where a reverse-open request answered by the client would add a
+    round trip and a command to every manager-to-machine stream.
+
+Control stream
+    The dialer's first stream (kind ``control``) carries the request/response commands:
+    its protocol is built by the ``control`` factory on both sides (``PeerAMP``), so
+    AMP commands, ``Hello`` first, ride on one long-lived stream and need no stream
+    per call (a call on it costs one DATA frame each way; a stream per call adds a
+    HEADERS exchange and the stream's set-up and tear-down: bench/mux_link.py measures
+    both). The link lives as long as its control stream.
+
+Back-pressure
+    HTTP/2 flow control, per stream: received bytes are acknowledged only once the
+    stream's protocol took them (see ``MuxStream``), so a stopped reader stalls its
+    own stream and nothing else until the link window (``link_window``) is all held
+    by stopped readers. When the TLS transport pauses the link, nothing more is framed
+    and every writer that writes is paused until it resumes. The link never stops
+    reading its transport (two sides both waiting to write would deadlock): what a
+    peer can make it hold is bounded by the windows it granted, and what it queues
+    for a peer that does not read (PING and SETTINGS answers, window updates) by
+    ``max_paused_output``.
+
+Limits and liveness
+    SETTINGS_MAX_CONCURRENT_STREAMS (``max_concurrent_streams``): an open beyond the
+    peer's limit fails at once with ``TOO_MANY_STREAMS``; a peer exceeding ours has
+    broken the protocol. A PING every ``ping_interval`` measures ``rtt``; a link that
+    hears nothing for ``ping_interval * missed_pings`` (15 s by default) is closed.
+    ``h2`` treats GOAWAY as the end of the connection (it refuses every frame after
+    sending one and clears its output on receiving one), so ``drain`` first sets
+    SETTINGS_MAX_CONCURRENT_STREAMS to 0 (the peer's opens fail with ``DRAINING``,
+    opens already in flight are refused with ``DRAINING``, the peer sees
+    ``peer_draining``), lets open streams finish for at most ``drain_time``, and only
+    then sends GOAWAY and closes. A peer that breaks the protocol or flow control
+    gets GOAWAY with h2's error code and loses its link, with one log line.
+"""
+
+import re
+import struct
+from typing import Callable, Dict, Mapping, Optional, Set, Tuple, Union
+
+import attrs
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingAckReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import NoAvailableStreamIDError, ProtocolError, StreamClosedError, TooManyStreamsError
+from h2.frame_buffer import FrameBuffer
+from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from malai.p2p.link import PeerAddress, no_delay
+from malai.peer.streams import MuxStream, StreamRefused, StreamRequest
+
+__all__ = ["CONTROL", "MuxLink", "MuxLinkFactory", "MuxSettings", "Responder", "StreamEndpoint",
+           "StreamRefused", "StreamRequest"]
+
+#: The kind of the dialer's first stream, which carries AMP commands.
+CONTROL = "control"
+
+#: ``responder(request)``: the protocol for an accepted stream (or a Deferred firing with
+#: it); raise (or fail with) ``StreamRefused`` to refuse.
+Responder = Callable[[StreamRequest], Union[Protocol, Deferred]]
+
+_KIND = re.compile(r"[a-z][a-z0-9-]{0,31}\Z")
+_HEADER_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}\Z")
+_RESERVED = frozenset({"malai-kind", "malai-error", "malai-reason"})
+MAX_TARGET = 1024
+MAX_REASON = 300
+_STATUS = {"BAD_REQUEST": b"400", "NOT_ALLOWED": b"403", "INTERNAL": b"500", "DRAINING": b"503"}
+
+
+@attrs.frozen
+class MuxSettings:
+    """The link's limits. Windows and frame size are chosen by bench/mux_link.py."""
+
+    max_concurrent_streams: int = 1000  # streams the peer may have open towards us
+    stream_window: int = 1 << 20  # bytes a stream may have in flight unacknowledged
+    link_window: int = 32 << 20  # ... all streams of the link together
+    max_frame_size: int = 1 << 16  # largest DATA frame the peer may send us
+    max_header_list_size: int = 16 * 1024  # one stream's request or response headers
+    high_water: int = 256 * 1024  # a writer is paused with this much waiting to be framed
+    low_water: int = 64 * 1024  # ... and resumed at this much
+    max_stream_buffer: int = 16 << 20  # a writer that ignores the pause loses its stream here
+    max_paused_output: int = 1 << 20  # control frames queued for a peer that does not read
+    ping_interval: float = 5.0
+    missed_pings: int = 3  # silence for ping_interval * missed_pings closes the link
+    drain_time: float = 30.0  # how long open streams may finish after drain()
+    close_timeout: float = 10.0  # a closing transport that does not finish is aborted
+
+
+class _QuietDataFrame(DataFrame):
+    """A received DATA frame whose repr does not hex-encode its whole payload."""
+
+    def _body_repr(self) -> str:
+        return f"<{len(self.data)} bytes>"
+
+
+class _FrameBuffer(FrameBuffer):
+    def __next__(self):
+        frame = super().__next__()
+        if type(frame) is DataFrame:
+            frame.__class__ = _QuietDataFrame
+        return frame
+
+
+class _H2Connection(H2Connection):
+    """``H2Connection`` with two costs removed.
+
+    h2 logs every received frame with ``repr(frame)``, computed even when nothing
+    logs it; a DATA frame's repr hex-encodes its whole payload (about 60 µs for 64 KiB,
+    the largest cost of receiving a bulk stream). Received DATA frames are given a
+    subclass with a cheap repr. And h2 remembers how each closed stream ended (to tell
+    a late frame on a reset stream, a stream error, from one after END_STREAM, a
+    connection error) for 65,536 streams, megabytes per busy link; 4,096 is plenty
+    for frames still in flight.
+    """
+
+    MAX_CLOSED_STREAMS = 4096
+
+    def __init__(self, config: H2Configuration):
+        super().__init__(config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        self._frame_dispatch_table[_QuietDataFrame] = self._receive_data_frame
+
+
+def _sanitize(text: str, limit: int) -> str:
+    return " ".join(text.split())[:limit]
+
+
+@implementer(IPushProducer)
+class MuxLink(Protocol):
+    """One multiplexed link (see the module docstring).
+
+    ``ready`` fires with the link once its control stream is connected (at once with
+    no ``control``); ``closed`` fires with the link when the connection is gone, and
+    ``reason`` then says why.
+    """
+
+    log = Logger()
+
+    def __init__(self, peer: PeerAddress, dialer: bool, responder: Optional[Responder] = None,
+                 control: Optional[Callable[[PeerAddress], Protocol]] = None,
+                 settings: MuxSettings = MuxSettings(), clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.peer = peer
+        self.dialer = dialer
+        self.responder = responder
+        self.control_factory = control
+        self.settings = settings
+        self.clock = clock
+        self.control: Optional[Protocol] = None
+        self.ready: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        self.reason: Optional[str] = None
+        self.streams: Dict[int, MuxStream] = {}
+        self.stalled: Set[MuxStream] = set()  # streams whose producer waits for the link or a window
+        self.paused = False
+        self.draining = False  # this side: no new streams, GOAWAY once the open ones end
+        self.peer_draining = False  # the peer said it takes no new streams
+        self.rtt: Optional[float] = None
+        self.bytes_sent = 0
+        self._conn = _H2Connection(H2Configuration(client_side=dialer, header_encoding=None))
+        self._opening: Dict[int, Tuple[Protocol, Deferred]] = {}
+        self._answering: Dict[int, Deferred] = {}  # responders not done yet
+        self._sending: Dict[int, MuxStream] = {}  # streams with bytes or END_STREAM to frame
+        self._control_stream: Optional[MuxStream] = None
+        self._gone = False  # GOAWAY sent or the connection lost: no more h2 calls
+        self._pumping = False
+        self._paused_output = 0
+        self._last_heard = 0.0
+        self._ping: Optional[Tuple[bytes, float]] = None
+        self._pings_sent = 0
+        self._timer = None
+        self._drain_timer = None
+        self._abort_timer = None
+
+    # -- connection -------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        s = self.settings
+        self._conn.initiate_connection()
+        self._conn.update_settings({
+            SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
+            SettingCodes.INITIAL_WINDOW_SIZE: s.stream_window,
+            SettingCodes.MAX_FRAME_SIZE: s.max_frame_size,
+            SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+            SettingCodes.ENABLE_PUSH: 0,
+        })
+        if s.link_window > 65535:
+            self._conn.increment_flow_control_window(s.link_window - 65535)
+        self.transport.registerProducer(self, True)
+        self._last_heard = self.clock.seconds()
+        self._tick()
+        if self.control_factory is None:
+            self.ready.callback(self)
+        elif self.dialer:
+            self.open(CONTROL, "", self.control_factory(self.peer)).addCallbacks(self._control_open,
+                                                                                 self._control_failed)
+        self._flush()
+
+    def _control_open(self, protocol: Protocol) -> None:
+        self.control = protocol
+        self._control_stream = protocol.transport
+        self.ready.callback(self)
+
+    def _control_failed(self, reason: Failure) -> None:
+        self.close(f"the control stream did not open: {reason.getErrorMessage()}")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._gone:
+            return
+        self._last_heard = self.clock.seconds()
+        try:
+            events = self._conn.receive_data(data)
+        except ProtocolError as e:
+            self._flush()  # h2 queued GOAWAY with the error's code
+            self._lose(f"protocol error: {_brief(e)}", warn=True)
+            return
+        if self._conn.state_machine.state is ConnectionState.CLOSED:
+            self._gone = True  # GOAWAY came in: the events before it still count, nothing more is sent
+        try:
+            for event in events:
+                handler = self._handlers.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+            self._flush()
+        except Exception:
+            self.log.failure("the link with {peer}", peer=self.peer.peer)
+            self._gone = True
+            self.reason = "internal error"
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._gone = True
+        for timer in (self._timer, self._drain_timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self.reason is None:
+            self.reason = "closed by the peer" if reason.check(ConnectionDone) else reason.getErrorMessage()
+        lost = Failure(ConnectionLost(f"the link with {self.peer.peer} closed: {self.reason}"))
+        for stream in list(self.streams.values()):
+            stream.finish(lost)
+        if self.dialer and not self.ready.called:
+            self.ready.errback(lost)
+        self.closed.callback(self)
+
+    # -- opening streams ----------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        """Whether new streams can open on this link."""
+        return not (self._gone or self.draining or self.peer_draining)
+
+    def open(self, kind: str, target: str, protocol: Protocol, headers: Mapping[str, str] = {}) -> Deferred:
+        """Open a ``kind`` stream to ``target`` for ``protocol``; fire with ``protocol`` once the
+        peer accepted it and ``connectionMade`` ran, or fail with ``StreamRefused``.
+        Cancelling the Deferred resets the stream."""
+        if self._gone or self.draining:
+            return fail(StreamRefused(f"the link with {self.peer.peer} is closing", "DRAINING"))
+        if self.peer_draining:
+            return fail(StreamRefused(f"{self.peer.peer} is shutting down", "DRAINING"))
+        problem = _check_request(kind, target, headers)
+        if problem:
+            return fail(StreamRefused(problem, "BAD_REQUEST"))
+        fields = [(b":method", b"CONNECT"), (b":authority", target.encode()), (b"malai-kind", kind.encode())]
+        fields += [(name.encode(), value.encode()) for name, value in headers.items()]
+        try:
+            stream_id = self._conn.get_next_available_stream_id()
+            self._conn.send_headers(stream_id, fields)
+        except TooManyStreamsError:
+            return fail(StreamRefused(
+                f"{self.peer.peer} takes {self._conn.remote_settings.max_concurrent_streams} streams at once "
+                "on a link", "TOO_MANY_STREAMS"))
+        except NoAvailableStreamIDError:
+            self.drain()  # a new link takes over
+            return fail(StreamRefused(f"the link with {self.peer.peer} has used all its stream IDs", "DRAINING"))
+        stream = MuxStream(self, stream_id, StreamRequest(self.peer, kind, target, dict(headers), stream_id))
+        self.streams[stream_id] = stream
+        opened: Deferred = Deferred(lambda _: self._cancel_open(stream))
+        self._opening[stream_id] = (protocol, opened)
+        self._flush()
+        return opened
+
+    def _cancel_open(self, stream: MuxStream) -> None:
+        if self._opening.pop(stream.stream_id, None) is not None:
+            self.reset(stream, ErrorCodes.CANCEL)
+            stream.finish(Failure(CancelledError()))
+
+    def _on_response(self, event: ResponseReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        opening = self._opening.pop(event.stream_id, None)
+        if stream is None or opening is None:
+            return
+        protocol, opened = opening
+        fields = dict(event.headers)
+        if fields.get(b":status") == b"200":
+            stream.attach(protocol)
+            if stream.ended:
+                opened.errback(StreamRefused("the stream ended as it opened", "RESET"))
+            else:
+                opened.callback(protocol)
+            return
+        code = fields.get(b"malai-error", b"REFUSED").decode("ascii", "replace")
+        reason = fields.get(b"malai-reason", b"refused").decode("utf-8", "replace")
+        self.reset(stream, ErrorCodes.CANCEL)
+        stream.finish(Failure(ConnectionDone()))
+        opened.errback(StreamRefused(_sanitize(reason, MAX_REASON), _sanitize(code, 40)))
+
+    # -- answering streams ----------------------------------------------------------------
+    def _on_request(self, event: RequestReceived) -> None:
+        stream_id = event.stream_id
+        fields: Dict[bytes, bytes] = {}
+        for name, value in event.headers:
+            if name in fields:
+                fields[b""] = b""  # a repeated header: refused below
+            fields[name] = value
+        kind = fields.pop(b"malai-kind", b"").decode("ascii", "replace")
+        target = fields.pop(b":authority", b"").decode("utf-8", "replace")
+        method = fields.pop(b":method", b"")
+        try:
+            headers = {name.decode("ascii"): value.decode("utf-8") for name, value in fields.items()}
+        except UnicodeDecodeError:
+            headers = {"": ""}
+        stream = MuxStream(self, stream_id, StreamRequest(self.peer, kind, target, headers, stream_id))
+        self.streams[stream_id] = stream
+        problem = _check_request(kind, target, headers) if method == b"CONNECT" else "not a CONNECT request"
+        if problem:
+            self._refuse(stream, "BAD_REQUEST", problem)
+        elif kind == CONTROL:
+            if self.dialer or self.control_factory is None or self._control_stream is not None:
+                self._refuse(stream, "BAD_REQUEST", "one control stream per link, opened by the dialer")
+            else:
+                self._control_stream = stream
+                self.control = self.control_factory(self.peer)
+                self._accept(stream, self.control)
+                self.ready.callback(self)
+        elif self.draining:
+            self._refuse(stream, "DRAINING", "shutting down: open the stream on another link")
+        elif self.responder is None:
+            self._refuse(stream, "NOT_ALLOWED", f"this side takes no {kind} streams")
+        else:
+            answer = maybeDeferred(self.responder, stream.request)
+            self._answering[stream_id] = answer
+            answer.addBoth(self._answered, stream)
+
+    def _answered(self, result, stream: MuxStream) -> None:
+        self._answering.pop(stream.stream_id, None)
+        if isinstance(result, Failure):
+            if result.check(StreamRefused):
+                self._refuse(stream, result.value.code, result.value.reason)
+            elif not result.check(CancelledError):
+                self.log.failure("answering {kind} stream {target!r} from {peer}", result, kind=stream.request.kind,
+                                 target=stream.request.target, peer=self.peer.peer)
+                self._refuse(stream, "INTERNAL", "internal error")
+        elif result is None:
+            self._refuse(stream, "NOT_ALLOWED", "refused")
+        elif stream.ended:  # reset while its protocol was being built: let it clean up
+            result.makeConnection(stream)
+            result.connectionLost(Failure(ConnectionLost("the peer reset the stream")))
+        else:
+            self._accept(stream, result)
+        self._flush()
+
+    def _accept(self, stream: MuxStream, protocol: Protocol) -> None:
+        if not self._gone:  # else the link's end ends the stream
+            self._conn.send_headers(stream.stream_id, [(b":status", b"200")])
+        stream.attach(protocol)
+
+    def _refuse(self, stream: MuxStream, code: str, reason: str) -> None:
+        if stream.ended or self._gone:
+            return
+        self._conn.send_headers(stream.stream_id, [
+            (b":status", _STATUS.get(code, b"403")), (b"malai-error", _sanitize(code, 40).encode()),
+            (b"malai-reason", _sanitize(reason, MAX_REASON).encode())], end_stream=True)
+        self.reset(stream, ErrorCodes.NO_ERROR)  # frees the stream on both sides now
+        stream.finish(Failure(ConnectionDone()))
+
+    # -- the streams drive these -------------------------------------------------------------
+    def ack(self, stream_id: int, flow_length: int) -> None:
+        """The stream's protocol took ``flow_length`` bytes: the peer may send that much more."""
+        if flow_length and not self._gone:
+            self._conn.acknowledge_received_data(flow_length, stream_id)
+            if not self._pumping:
+                self._flush()
+
+    def want_send(self, stream: MuxStream) -> None:
+        """``stream`` has bytes or an END_STREAM to frame."""
+        if self._gone:
+            return
+        self._sending[stream.stream_id] = stream
+        self._pump()
+        stream.sent()
+
+    def can_send(self, stream: MuxStream) -> bool:
+        return not (self.paused or self._gone) and self._window(stream.stream_id) > 0
+
+    def reset(self, stream: MuxStream, code: int) -> None:
+        """RST_STREAM ``stream`` unless it is closed already."""
+        self._sending.pop(stream.stream_id, None)
+        if self._gone:
+            return
+        try:
+            self._conn.reset_stream(stream.stream_id, code)
+        except (StreamClosedError, ProtocolError):
+            return
+        self._flush()
+
+    def forget(self, stream: MuxStream) -> None:
+        """The stream ended: drop every reference to it."""
+        stream_id = stream.stream_id
+        self.streams.pop(stream_id, None)
+        self._sending.pop(stream_id, None)
+        self.stalled.discard(stream)
+        answering = self._answering.pop(stream_id, None)
+        if answering is not None:
+            answering.cancel()
+        opening = self._opening.pop(stream_id, None)
+        if opening is not None:
+            opening[1].errback(StreamRefused(f"the link with {self.peer.peer} closed: {self.reason}", "LINK_CLOSED"))
+        if stream is self._control_stream and not self._gone:
+            self.close("the control stream ended")
+        elif self.draining:
+            self._maybe_drained()
+
+    # -- framing --------------------------------------------------------------------------------
+    def _window(self, stream_id: int) -> int:
+        try:
+            return min(self._conn.local_flow_control_window(stream_id), self._conn.max_outbound_frame_size)
+        except (StreamClosedError, ProtocolError):
+            return 0
+
+    def _pump(self) -> None:
+        """Frame what streams have to send, one frame per stream in turn, while the
+        transport takes it and windows allow."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            progress = True
+            while progress and self._sending and not self.paused and not self._gone:
+                progress = False
+                for stream in list(self._sending.values()):
+                    if self.paused or self._gone:
+                        break
+                    progress = self._frame(stream) or progress
+        finally:
+            self._pumping = False
+
+    def _frame(self, stream: MuxStream) -> bool:
+        """Send one DATA frame (or END_STREAM) of ``stream``; whether anything went."""
+        stream_id = stream.stream_id
+        if stream.ended or stream.local_ended or stream.protocol is None or self._gone:
+            self._sending.pop(stream_id, None)
+            return False
+        try:
+            if stream.outbox_bytes:
+                size = self._window(stream_id)
+                if size <= 0:
+                    return False  # stays: WindowUpdated sends it
+                data = stream.take(size)
+                end = stream.end_wanted and not stream.outbox
+                self._conn.send_data(stream_id, data, end_stream=end)
+                self.bytes_sent += len(data)
+            elif stream.end_wanted:
+                end = True
+                self._conn.end_stream(stream_id)
+            else:
+                self._sending.pop(stream_id, None)
+                return False
+        except StreamClosedError:  # reset by the peer in what h2 just read: its StreamReset event follows
+            self._sending.pop(stream_id, None)
+            stream.outbox.clear()
+            stream.outbox_bytes = 0
+            return False
+        if end or not stream.outbox:
+            self._sending.pop(stream_id, None)
+        self._flush()
+        if end:
+            stream.wrote_end()
+        stream.sent()
+        return True
+
+    def _flush(self) -> None:
+        """Hand what h2 framed to the transport."""
+        data = self._conn.data_to_send()
+        if not data:
+            return
+        if self.paused:
+            self._paused_output += len(data)
+            if self._paused_output > self.settings.max_paused_output and not self._gone:
+                self._gone = True
+                self.reason = "the peer does not read what it asks for"
+                self.log.warn("closing the link with {peer}: {why}", peer=self.peer.peer, why=self.reason)
+                self.transport.abortConnection()
+                return
+        self.transport.write(data)
+
+    # -- IPushProducer: the TLS transport -----------------------------------------------------------
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self._paused_output = 0
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._pump()
+        self._restart_stalled()
+
+    def stopProducing(self) -> None:
+        pass  # connectionLost follows
+
+    def _restart_stalled(self) -> None:
+        for stream in list(self.stalled):
+            if self.paused or self._gone:
+                return
+            stream.sent()
+
+    # -- h2 events --------------------------------------------------------------------------------
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            self.ack(event.stream_id, event.flow_controlled_length)
+        else:
+            stream.data_received(event.data, event.flow_controlled_length)
+
+    def _on_end(self, event: StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.remote_end()
+
+    def _on_reset(self, event: StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        opening = self._opening.pop(event.stream_id, None)
+        if opening is not None:
+            stream.finish(Failure(ConnectionDone()))
+            opening[1].errback(StreamRefused(f"{self.peer.peer} reset the stream", "RESET"))
+        else:
+            stream.reset_by_peer(event.error_code)
+
+    def _on_window(self, event: WindowUpdated) -> None:
+        if event.stream_id:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self._pump()
+                stream.sent()
+        else:
+            self._pump()
+            self._restart_stalled()
+
+    def _on_settings(self, event: RemoteSettingsChanged) -> None:
+        changed = event.changed_settings
+        limit = changed.get(SettingCodes.MAX_CONCURRENT_STREAMS)
+        if limit is not None and limit.new_value == 0 and not self.peer_draining:
+            self.peer_draining = True
+            self.log.info("{peer} is shutting down its link: no new streams on it", peer=self.peer.peer)
+        if SettingCodes.INITIAL_WINDOW_SIZE in changed:
+            self._pump()
+            self._restart_stalled()
+
+    def _on_ping_ack(self, event: PingAckReceived) -> None:
+        if self._ping is not None and event.ping_data == self._ping[0]:
+            self.rtt = self.clock.seconds() - self._ping[1]
+            self._ping = None
+
+    def _on_goaway(self, event: ConnectionTerminated) -> None:
+        if event.error_code == ErrorCodes.NO_ERROR:
+            self._lose("closed by the peer")
+        else:
+            name = getattr(event.error_code, "name", event.error_code)
+            self._lose(f"the peer closed it ({name})", warn=True)
+
+    _handlers = {
+        RequestReceived: _on_request, ResponseReceived: _on_response, DataReceived: _on_data,
+        StreamEnded: _on_end, StreamReset: _on_reset, WindowUpdated: _on_window,
+        RemoteSettingsChanged: _on_settings, PingAckReceived: _on_ping_ack, ConnectionTerminated: _on_goaway,
+    }
+
+    # -- liveness ---------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        """Send a PING; close the link once nothing was heard for ``missed_pings`` intervals."""
+        if self._gone:
+            return
+        s = self.settings
+        now = self.clock.seconds()
+        deadline = self._last_heard + s.ping_interval * s.missed_pings
+        if now >= deadline:
+            self._timer = None
+            self.reason = f"no answer for {now - self._last_heard:.0f} s"
+            self.log.warn("closing the link with {peer}: {why}", peer=self.peer.peer, why=self.reason)
+            self._gone = True
+            self.transport.abortConnection()
+            return
+        if self._ping is None or now - self._ping[1] >= s.ping_interval:
+            self._pings_sent += 1
+            self._ping = (struct.pack(">Q", self._pings_sent), now)
+            self._conn.ping(self._ping[0])
+            self._flush()
+        self._timer = self.clock.callLater(min(s.ping_interval, deadline - now), self._tick)
+
+    # -- closing ----------------------------------------------------------------------------------
+    def drain(self, timeout: Optional[float] = None) -> Deferred:
+        """Take no new streams, let the open ones finish for at most ``timeout`` seconds
+        (``drain_time``), then GOAWAY and close. Fires with the link once it is closed."""
+        done: Deferred = Deferred()
+        self.closed.addBoth(lambda link: (done.callback(link), link)[1])
+        if not self.draining and not self._gone:
+            self.draining = True
+            self._conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+            self._flush()
+            wait = self.settings.drain_time if timeout is None else timeout
+            self._drain_timer = self.clock.callLater(wait, self._drain_over)
+            self._maybe_drained()
+        return done
+
+    def _maybe_drained(self) -> None:
+        if not self._gone and all(stream is self._control_stream for stream in self.streams.values()):
+            self.close("drained")
+
+    def _drain_over(self) -> None:
+        self._drain_timer = None
+        left = sum(stream is not self._control_stream for stream in self.streams.values())
+        self.log.info("closing the link with {peer}: {n} streams still open after the drain time",
+                      peer=self.peer.peer, n=left)
+        self.close("the drain time is over")
+
+    def close(self, why: str, code: int = ErrorCodes.NO_ERROR) -> None:
+        """GOAWAY now and close; open streams are cut."""
+        if self._gone:
+            return
+        self._conn.close_connection(error_code=code)
+        self._flush()
+        self._lose(why)
+
+    def _lose(self, why: str, warn: bool = False) -> None:
+        self._gone = True
+        self.reason = self.reason or why
+        if warn:
+            self.log.warn("closing the link with {peer}: {why}", peer=self.peer.peer, why=why)
+        self.transport.unregisterProducer()  # TLS shuts down only once its producer is gone
+        self.transport.loseConnection()
+        self._abort_timer = self.clock.callLater(self.settings.close_timeout, self.transport.abortConnection)
+
+    # -- the control stream's commands ------------------------------------------------------------
+    def callRemote(self, command, **kw) -> Deferred:
+        """An AMP command on the control stream."""
+        if self.control is None:
+            return fail(StreamRefused(f"the link with {self.peer.peer} has no control stream", "LINK_CLOSED"))
+        return self.control.callRemote(command, **kw)
+
+
+def _check_request(kind: str, target: str, headers: Mapping[str, str]) -> Optional[str]:
+    """Why a stream request is malformed, or None."""
+    if not _KIND.match(kind):
+        return f"invalid stream kind {kind[:40]!r}"
+    if len(target) > MAX_TARGET or any(c in target for c in "\r\n\0"):
+        return "invalid stream target"
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name) or name in _RESERVED or any(c in value for c in "\r\n\0"):
+            return f"invalid stream header {name[:40]!r}"
+    return None
+
+
+def _brief(error: BaseException) -> str:
+    return repr(str(error))[1:-1][:200] or type(error).__name__
+
+
+class MuxLinkFactory(Factory):
+    """Builds the ``MuxLink`` of each verified link of one side (dialing or accepting):
+    pass it to ``connect_verified`` or a ``server_factory`` router."""
+
+    noisy = False
+
+    def __init__(self, dialer: bool, responder: Optional[Responder] = None,
+                 control: Optional[Callable[[PeerAddress], Protocol]] = None,
+                 settings: MuxSettings = MuxSettings(), clock=None):
+        self.dialer, self.responder, self.control = dialer, responder, control
+        self.settings, self.clock = settings, clock
+
+    def buildProtocol(self, addr: PeerAddress) -> MuxLink:
+        return MuxLink(addr, self.dialer, self.responder, self.control, self.settings, self.clock)
+
+
+@implementer(IStreamClientEndpoint)
+@attrs.frozen
+class StreamEndpoint:
+    """A client endpoint whose connections are ``kind`` streams to ``target`` on ``link``:
+    endpoint-taking code (``wrapClientTLS``, ``connectProtocol``) runs over a stream unchanged."""
+
+    link: MuxLink
+    kind: str
+    target: str
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+
+    def connect(self, factory) -> Deferred:
+        protocol = factory.buildProtocol(self.link.peer)
+        if protocol is None:
+            return fail(StreamRefused("nobody wants the stream", "REFUSED"))
+        return self.link.open(self.kind, self.target, protocol, self.headers)
