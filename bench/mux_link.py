@@ -359,8 +359,8 @@ def start_server(args):
 @defer.inlineCallbacks
 def sweep(args):
     rows = []
-    for window in (256 << 10, 1 << 20, 2 << 20, 4 << 20, 8 << 20):
-        for frame in (16 << 10, 64 << 10, 256 << 10):
+    for window in args.windows:
+        for frame in args.frames:
             args.stream_window, args.frame = window, frame
             args.link_window = max(window * 4, 32 << 20)
             server, mux_port, plain_port = start_server(args)
@@ -384,6 +384,10 @@ def run():
     parser.add_argument("--count", type=int, default=2000, help="round trips, opens and calls (default 2000)")
     parser.add_argument("--sweep", action="store_true", help="time bulk transfers by window and frame size")
     parser.add_argument("--repeat", type=int, default=2, help="transfers per setting in --sweep (default 2)")
+    parser.add_argument("--windows", type=lambda s: [int(k) << 10 for k in s.split(",")],
+                        default="256,1024,2048,4096,8192", help="stream windows in KiB for --sweep")
+    parser.add_argument("--frames", type=lambda s: [int(k) << 10 for k in s.split(",")], default="16,64,256",
+                        help="frame sizes in KiB for --sweep")
     parser.add_argument("--stream-window", type=int, default=defaults.stream_window)
     parser.add_argument("--link-window", type=int, default=defaults.link_window)
     parser.add_argument("--frame", type=int, default=defaults.max_frame_size)

@@ -25,6 +25,7 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone, Connection
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -301,6 +302,30 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(cancelled, [answers[0]])
         self.assertEqual(list(listener.streams), [3])
 
+    def test_a_refusal_reason_in_any_language_reaches_the_caller(self):
+        def refuse(request):
+            raise StreamRefused("dienst \u00abdb\u00bb ist aus\r\n  (wartung)", "UPSTREAM_FAILED")
+
+        dialer, listener, pump, _ = pair(self, None, refuse)
+        _, d = open_stream(dialer, pump)
+        error = self.failureResultOf(d, StreamRefused).value
+        self.assertEqual((error.code, error.reason), ("UPSTREAM_FAILED", "dienst \u00abdb\u00bb ist aus (wartung)"))
+
+    def test_a_request_too_large_for_headers_is_refused_before_sending(self):
+        dialer, listener, pump, _ = pair(self, None, Responder())
+        _, d = open_stream(dialer, pump, "exec", "x", {"malai-argv": "a" * 9000})
+        self.assertIn("send large parameters in the stream", str(self.failureResultOf(d, StreamRefused).value))
+        self.assertEqual(listener._conn.highest_inbound_stream_id, 0)
+
+    def test_when_stream_ids_run_out_the_link_drains(self):
+        dialer, listener, pump, _ = pair(self, None, Responder())
+        running, _ = open_stream(dialer, pump)
+        dialer._conn.highest_outbound_stream_id = 2 ** 31 - 1  # as after two billion streams
+        _, d = open_stream(dialer, pump)
+        self.assertEqual(self.failureResultOf(d, StreamRefused).value.code, "DRAINING")
+        self.assertTrue(dialer.draining and listener.peer_draining)
+        self.assertIsNone(running.lost)  # the open stream finishes first
+
     def test_streams_are_refused_at_the_peers_limit(self):
         dialer, listener, pump, _ = pair(self, None, Responder(), listener_settings=MuxSettings(max_concurrent_streams=2))
         first, _ = open_stream(dialer, pump)
@@ -520,6 +545,14 @@ class LifetimeTests(SynchronousTestCase):
         # and the link windows are whole again
         self.assertEqual(dialer._conn.outbound_flow_control_window, listener._conn.inbound_flow_control_window)
 
+    def test_with_a_control_stream_it_comes_first(self):
+        clock = Clock()
+        control = PeerAMPFactory(HelloInfo(), dialer=False, clock=clock).buildProtocol
+        dialer, listener, pump, _ = pair(self, None, Responder(), control=(None, control), clock=clock)
+        _, d = open_stream(dialer, pump)
+        error = self.failureResultOf(d, StreamRefused).value
+        self.assertEqual((error.code, str(error)), ("BAD_REQUEST", "the control stream comes first"))
+
     def test_control_stream_carries_amp_both_ways_and_ends_the_link(self):
         clock = Clock()
         control = (PeerAMPFactory(HelloInfo(), dialer=True, clock=clock).buildProtocol,
@@ -588,6 +621,7 @@ REQUEST = [(":method", "CONNECT"), (":authority", "svc"), ("malai-kind", "tcp")]
 class AdversarialTests(SynchronousTestCase):
     def attach(self, responder=None, settings=MuxSettings()):
         clock = Clock()
+        self.events = self.enterContext(capturedLogs())
         self.link = MuxLink(PeerAddress(B, A), False, responder or Responder(), None, settings, clock)
         self.peer = RawPeer()
         self.pump = iosim.connect(self.link, iosim.FakeTransport(self.link, True), self.peer,
@@ -598,6 +632,8 @@ class AdversarialTests(SynchronousTestCase):
         self.pump.flush()
         self.assertTrue(self.link._gone)
         self.assertIn(words, self.link.reason)
+        [warning] = [formatEvent(e) for e in self.events if e["log_level"] >= LogLevel.warn]  # one line
+        self.assertIn(f"closing the link with {A}: {words}", warning)
         self.assertEqual(self.peer.goaway_code(), code)
         self.peer.lost.trap(ConnectionDone)
 
@@ -643,6 +679,26 @@ class AdversarialTests(SynchronousTestCase):
         peer.ack_settings()  # the peer knows the limit, and ignores it
         peer.send(*(peer.headers(i, REQUEST) for i in (1, 3, 5)), preface=False)
         self.assertLinkLost(ErrorCodes.PROTOCOL_ERROR, "protocol error")
+
+    def test_bytes_sent_before_the_answer_wait_for_the_responder(self):
+        answer = defer.Deferred()
+        link, peer, pump = self.attach(lambda request: answer)
+        peer.send(peer.headers(1, REQUEST), DataFrame(1, b"early"))
+        pump.flush()
+        [stream] = link.streams.values()
+        self.assertIsNone(stream.protocol)  # nothing reached a protocol before it was accepted
+        reader = Recorder()
+        answer.callback(reader)
+        pump.flush()
+        self.assertEqual(bytes(reader.data), b"early")
+
+    def test_an_overlong_frame_is_refused_at_its_header(self):
+        link, peer, pump = self.attach()
+        peer.send()
+        pump.flush()
+        peer.ack_settings()
+        peer.transport.write(b"\xff\xff\xff\x00\x00\x00\x00\x00\x01" + b"x" * 100)  # 16 MiB announced
+        self.assertLinkLost(ErrorCodes.FRAME_SIZE_ERROR, "protocol error: Received overlong frame")
 
     def test_requests_not_of_this_protocol_are_refused_on_their_stream(self):
         link, peer, pump = self.attach()

@@ -60,7 +60,7 @@ Limits and liveness
 
 import re
 import struct
-from typing import Callable, Dict, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple, Union, cast
 
 import attrs
 from h2.config import H2Configuration
@@ -106,27 +106,37 @@ _KIND = re.compile(r"[a-z][a-z0-9-]{0,31}\Z")
 _HEADER_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}\Z")
 _RESERVED = frozenset({"malai-kind", "malai-error", "malai-reason"})
 MAX_TARGET = 1024
+MAX_REQUEST = 8 * 1024  # what a request's headers may hold; the peer accepts twice that
 MAX_REASON = 300
 _STATUS = {"BAD_REQUEST": b"400", "NOT_ALLOWED": b"403", "INTERNAL": b"500", "DRAINING": b"503"}
+
+
+def _between(low: float, high: float):
+    return [attrs.validators.ge(low), attrs.validators.le(high)]
 
 
 @attrs.frozen
 class MuxSettings:
     """The link's limits. Windows and frame size are chosen by bench/mux_link.py."""
 
-    max_concurrent_streams: int = 1000  # streams the peer may have open towards us
-    stream_window: int = 1 << 20  # bytes a stream may have in flight unacknowledged
-    link_window: int = 32 << 20  # ... all streams of the link together
-    max_frame_size: int = 1 << 16  # largest DATA frame the peer may send us
-    max_header_list_size: int = 16 * 1024  # one stream's request or response headers
+    max_concurrent_streams: int = attrs.field(default=1000, validator=_between(1, 1 << 20))  # the peer's, to us
+    stream_window: int = attrs.field(default=1 << 20, validator=_between(65535, (1 << 31) - 1))  # in flight
+    link_window: int = attrs.field(default=32 << 20, validator=_between(65535, (1 << 31) - 1))  # all streams
+    max_frame_size: int = attrs.field(default=1 << 16, validator=_between(1 << 14, (1 << 24) - 1))
+    max_header_list_size: int = attrs.field(default=16 * 1024, validator=_between(4096, 1 << 20))
     high_water: int = 256 * 1024  # a writer is paused with this much waiting to be framed
-    low_water: int = 64 * 1024  # ... and resumed at this much
+    low_water: int = attrs.field(default=64 * 1024)  # ... and resumed at this much
     max_stream_buffer: int = 16 << 20  # a writer that ignores the pause loses its stream here
     max_paused_output: int = 1 << 20  # control frames queued for a peer that does not read
-    ping_interval: float = 5.0
-    missed_pings: int = 3  # silence for ping_interval * missed_pings closes the link
+    ping_interval: float = attrs.field(default=5.0, validator=_between(0.1, 3600))
+    missed_pings: int = attrs.field(default=3, validator=_between(1, 100))  # silent intervals before closing
     drain_time: float = 30.0  # how long open streams may finish after drain()
     close_timeout: float = 10.0  # a closing transport that does not finish is aborted
+
+    @low_water.validator
+    def _check_water(self, attribute, value) -> None:
+        if not 0 <= value <= self.high_water:
+            raise ValueError("low_water must be between 0 and high_water")
 
 
 class _QuietDataFrame(DataFrame):
@@ -137,20 +147,37 @@ class _QuietDataFrame(DataFrame):
 
 
 class _FrameBuffer(FrameBuffer):
+    """h2's frame buffer, which parses the next frame's header again on every chunk that
+    arrives and checks a frame's length only once all of it is buffered (up to 16 MiB).
+    Here the header of an incomplete frame is read once, an overlong frame is refused as
+    soon as its header is in, and received DATA frames get a cheap repr."""
+
+    _need = 9  # bytes buffered before the next frame can be complete
+
     def __next__(self):
-        frame = super().__next__()
+        if len(self._data) < self._need:
+            raise StopIteration
+        try:
+            frame = super().__next__()
+        except StopIteration:
+            self._need = 9
+            if len(self._data) >= 9:
+                length = int.from_bytes(self._data[:3], "big")
+                self._validate_frame_length(length)
+                self._need += length
+            raise
+        self._need = 9
         if type(frame) is DataFrame:
             frame.__class__ = _QuietDataFrame
         return frame
 
 
 class _H2Connection(H2Connection):
-    """``H2Connection`` with two costs removed.
+    """``H2Connection`` with ``_FrameBuffer``, and less memory per link.
 
     h2 logs every received frame with ``repr(frame)``, computed even when nothing
     logs it; a DATA frame's repr hex-encodes its whole payload (about 60 µs for 64 KiB,
-    the largest cost of receiving a bulk stream). Received DATA frames are given a
-    subclass with a cheap repr. And h2 remembers how each closed stream ended (to tell
+    once the largest cost of receiving a bulk stream), hence ``_QuietDataFrame``. And h2 remembers how each closed stream ended (to tell
     a late frame on a reset stream, a stream error, from one after END_STREAM, a
     connection error) for 65,536 streams, megabytes per busy link; 4,096 is plenty
     for frames still in flight.
@@ -208,6 +235,7 @@ class MuxLink(Protocol):
         self._control_stream: Optional[MuxStream] = None
         self._gone = False  # GOAWAY sent or the connection lost: no more h2 calls
         self._pumping = False
+        self._receiving = False
         self._paused_output = 0
         self._last_heard = 0.0
         self._ping: Optional[Tuple[bytes, float]] = None
@@ -242,7 +270,7 @@ class MuxLink(Protocol):
 
     def _control_open(self, protocol: Protocol) -> None:
         self.control = protocol
-        self._control_stream = protocol.transport
+        self._control_stream = cast(MuxStream, protocol.transport)
         self.ready.callback(self)
 
     def _control_failed(self, reason: Failure) -> None:
@@ -258,19 +286,24 @@ class MuxLink(Protocol):
             self._flush()  # h2 queued GOAWAY with the error's code
             self._lose(f"protocol error: {_brief(e)}", warn=True)
             return
+        if not events:
+            return
         if self._conn.state_machine.state is ConnectionState.CLOSED:
             self._gone = True  # GOAWAY came in: the events before it still count, nothing more is sent
+        self._receiving = True
         try:
             for event in events:
                 handler = self._handlers.get(type(event))
                 if handler is not None:
                     handler(self, event)
-            self._flush()
         except Exception:
             self.log.failure("the link with {peer}", peer=self.peer.peer)
             self._gone = True
             self.reason = "internal error"
             self.transport.abortConnection()
+        finally:
+            self._receiving = False
+        self._flush()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._gone = True
@@ -367,6 +400,8 @@ class MuxLink(Protocol):
         problem = _check_request(kind, target, headers) if method == b"CONNECT" else "not a CONNECT request"
         if problem:
             self._refuse(stream, "BAD_REQUEST", problem)
+        elif self._control_stream is None and self.control_factory is not None and kind != CONTROL:
+            self._refuse(stream, "BAD_REQUEST", "the control stream comes first")
         elif kind == CONTROL:
             if self.dialer or self.control_factory is None or self._control_stream is not None:
                 self._refuse(stream, "BAD_REQUEST", "one control stream per link, opened by the dialer")
@@ -421,7 +456,7 @@ class MuxLink(Protocol):
         """The stream's protocol took ``flow_length`` bytes: the peer may send that much more."""
         if flow_length and not self._gone:
             self._conn.acknowledge_received_data(flow_length, stream_id)
-            if not self._pumping:
+            if not self._receiving:  # else dataReceived flushes once at the end
                 self._flush()
 
     def want_send(self, stream: MuxStream) -> None:
@@ -430,7 +465,7 @@ class MuxLink(Protocol):
             return
         self._sending[stream.stream_id] = stream
         self._pump()
-        stream.sent()
+        stream.update_producer()
 
     def can_send(self, stream: MuxStream) -> bool:
         return not (self.paused or self._gone) and self._window(stream.stream_id) > 0
@@ -611,7 +646,7 @@ class MuxLink(Protocol):
             name = getattr(event.error_code, "name", event.error_code)
             self._lose(f"the peer closed it ({name})", warn=True)
 
-    _handlers = {
+    _handlers: Dict[type, Callable[["MuxLink", Any], None]] = {
         RequestReceived: _on_request, ResponseReceived: _on_response, DataReceived: _on_data,
         StreamEnded: _on_end, StreamReset: _on_reset, WindowUpdated: _on_window,
         RemoteSettingsChanged: _on_settings, PingAckReceived: _on_ping_ack, ConnectionTerminated: _on_goaway,
@@ -644,7 +679,12 @@ class MuxLink(Protocol):
         """Take no new streams, let the open ones finish for at most ``timeout`` seconds
         (``drain_time``), then GOAWAY and close. Fires with the link once it is closed."""
         done: Deferred = Deferred()
-        self.closed.addBoth(lambda link: (done.callback(link), link)[1])
+
+        def passed(link):
+            done.callback(link)
+            return link
+
+        self.closed.addBoth(passed)
         if not self.draining and not self._gone:
             self.draining = True
             self._conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 0})
@@ -696,9 +736,13 @@ def _check_request(kind: str, target: str, headers: Mapping[str, str]) -> Option
         return f"invalid stream kind {kind[:40]!r}"
     if len(target) > MAX_TARGET or any(c in target for c in "\r\n\0"):
         return "invalid stream target"
+    size = len(target)
     for name, value in headers.items():
         if not _HEADER_NAME.match(name) or name in _RESERVED or any(c in value for c in "\r\n\0"):
             return f"invalid stream header {name[:40]!r}"
+        size += len(name) + len(value) + 32
+    if size > MAX_REQUEST:
+        return f"stream request headers over {MAX_REQUEST} bytes: send large parameters in the stream"
     return None
 
 
