@@ -502,12 +502,15 @@ class LifetimeTests(SynchronousTestCase):
         dialer, listener, pump, clock = pair(self, None, Responder())
         stuck, _ = open_stream(dialer, pump)
         drained = dialer.drain(10)
+        told_first = []
+        drained.addCallback(lambda link: told_first.append(stuck.lost is not None))
         clock.advance(9)
         pump.flush()
         self.assertNoResult(drained)
         clock.advance(1)
         pump.flush()
         self.successResultOf(drained)
+        self.assertEqual(told_first, [True])  # streams hear of a lost link at once (shutdown may follow)
         stuck.lost.trap(ConnectionLost)
         self.assertIn("the drain time is over", stuck.lost.getErrorMessage())
 
@@ -691,6 +694,16 @@ class AdversarialTests(SynchronousTestCase):
         answer.callback(reader)
         pump.flush()
         self.assertEqual(bytes(reader.data), b"early")
+
+    def test_a_large_frame_right_behind_the_settings_ack_is_taken(self):
+        link, peer, pump = self.attach()
+        peer.send(peer.headers(1, REQUEST))
+        pump.flush()
+        ack = SettingsFrame(0, flags=["ACK"]).serialize() * 2
+        peer.transport.write(ack + DataFrame(1, b"b" * 65536).serialize())  # one chunk
+        pump.flush()
+        self.assertFalse(link._gone)
+        self.assertEqual(len(link.streams[1].protocol.data), 65536)
 
     def test_an_overlong_frame_is_refused_at_its_header(self):
         link, peer, pump = self.attach()

@@ -173,7 +173,8 @@ class _FrameBuffer(FrameBuffer):
 
 
 class _H2Connection(H2Connection):
-    """``H2Connection`` with ``_FrameBuffer``, and less memory per link.
+    """``H2Connection`` with ``_FrameBuffer``, a frame size limit applied as soon as the
+    peer acknowledged it, and less memory per link.
 
     h2 logs every received frame with ``repr(frame)``, computed even when nothing
     logs it; a DATA frame's repr hex-encodes its whole payload (about 60 µs for 64 KiB,
@@ -188,7 +189,20 @@ class _H2Connection(H2Connection):
     def __init__(self, config: H2Configuration):
         super().__init__(config)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
         self._frame_dispatch_table[_QuietDataFrame] = self._receive_data_frame
+
+    @property  # type: ignore[override]
+    def max_inbound_frame_size(self) -> int:
+        return self._max_inbound_frame_size
+
+    @max_inbound_frame_size.setter
+    def max_inbound_frame_size(self, value: int) -> None:
+        # h2 gives the frame buffer the new limit only with the next received chunk: frames
+        # right behind the SETTINGS ACK in the same chunk were held to the old one.
+        self._max_inbound_frame_size = value
+        if hasattr(self, "incoming_buffer"):
+            self.incoming_buffer.max_frame_size = value
 
 
 def _sanitize(text: str, limit: int) -> str:
@@ -314,7 +328,7 @@ class MuxLink(Protocol):
             self.reason = "closed by the peer" if reason.check(ConnectionDone) else reason.getErrorMessage()
         lost = Failure(ConnectionLost(f"the link with {self.peer.peer} closed: {self.reason}"))
         for stream in list(self.streams.values()):
-            stream.finish(lost)
+            stream.finish(lost, now=True)
         if self.dialer and not self.ready.called:
             self.ready.errback(lost)
         self.closed.callback(self)

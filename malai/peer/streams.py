@@ -153,9 +153,10 @@ class MuxStream:
             self._call(self.protocol.writeConnectionLost)
         self._maybe_finished()
 
-    def finish(self, reason: Failure) -> None:
+    def finish(self, reason: Failure, now: bool = False) -> None:
         """The stream is over: the link forgets it now, the application hears of it in the
-        next reactor turn (as from a TCP transport: never from inside its own call)."""
+        next reactor turn (as from a TCP transport: never from inside its own call), or
+        ``now`` when the link itself is lost (the reactor may not turn again: shutdown)."""
         if self.ended:
             return
         self.ended = True
@@ -164,7 +165,10 @@ class MuxStream:
         self._drop_inbox()
         self._drop_outbox()
         self.link.forget(self)
-        self.link.clock.callLater(0, self._lost, reason)
+        if now:
+            self._lost(reason)
+        else:
+            self.link.clock.callLater(0, self._lost, reason)
 
     def _lost(self, reason: Failure) -> None:
         producer, self.producer = self.producer, None
