@@ -13,18 +13,16 @@ times one stream's bulk transfer under several window and frame sizes.
 """
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
 import time
 
 from common import table
+from peer_link import Bulk
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IPullProducer
 from twisted.protocols import amp
-from zope.interface import implementer
 
 from malai.identity import Identity
 from malai.p2p.link import connect_verified, server_factory
@@ -33,7 +31,6 @@ from malai.peer.commands import Ping
 from malai.peer.mux import MuxLinkFactory, MuxSettings, StreamRefused
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 
-CHUNK = 64 * 1024
 SERVER = Identity.from_hex("11" * 32)
 CLIENT = Identity.from_hex("22" * 32)
 
@@ -133,23 +130,6 @@ def serve(args):
 CLIENT_TLS = PeerTLS([CLIENT])
 
 
-@implementer(IPullProducer)
-class Bulk:
-    def __init__(self, transport, total):
-        self.transport, self.left = transport, total
-        self.chunk = os.urandom(CHUNK)
-
-    def resumeProducing(self):
-        if self.left <= 0:
-            self.transport.unregisterProducer()
-            return
-        self.transport.write(self.chunk)
-        self.left -= CHUNK
-
-    def stopProducing(self):
-        self.left = 0
-
-
 class Client(protocol.Protocol):
     """Collects what arrives; ``wait(n)`` fires once ``n`` more bytes came."""
 
@@ -247,14 +227,7 @@ def main(args, mux_port, plain_port):
     total, count = args.mib << 20, args.count
     link = yield connect_link(mux_port, args)
 
-    # bulk
-    client = yield sink_stream(link, total)
-    mux_bulk = yield bulk(client, total)
-    client.transport.loseConnection()
-    client = yield tls_connect(plain_port)
-    client.transport.write(f"sink {total}\n".encode())
-    plain_bulk = yield bulk(client, total)
-    client.transport.loseConnection()
+    mux_bulk, plain_bulk = yield both_bulks(link, plain_port, total)
 
     # round trips
     client = Client()
@@ -335,17 +308,24 @@ def main(args, mux_port, plain_port):
 
 
 @defer.inlineCallbacks
-def sweep_one(args, mux_port, plain_port):
-    total = args.mib << 20
-    link = yield connect_link(mux_port, args)
+def both_bulks(link, plain_port, total):
+    """MB/s of one bulk transfer on a stream of ``link``, then on a TLS link of its own."""
     client = yield sink_stream(link, total)
-    rate = yield bulk(client, total)
-    link.transport.loseConnection()
+    mux = yield bulk(client, total)
+    client.transport.loseConnection()
     client = yield tls_connect(plain_port)
     client.transport.write(f"sink {total}\n".encode())
     plain = yield bulk(client, total)
     client.transport.loseConnection()
-    return rate, plain
+    return mux, plain
+
+
+@defer.inlineCallbacks
+def sweep_one(args, mux_port, plain_port):
+    link = yield connect_link(mux_port, args)
+    rates = yield both_bulks(link, plain_port, args.mib << 20)
+    link.close("done")
+    return rates
 
 
 def start_server(args):

@@ -128,6 +128,15 @@ def open_stream(link, pump, kind="tcp", target="svc", headers=None):
     return protocol, d
 
 
+def one_stream(testcase):
+    """Linked dialer and listener with one stream: (dialer, listener, pump, opener, answerer)."""
+    on_listener = Responder()
+    dialer, listener, pump, _ = pair(testcase, None, on_listener)
+    opener, _ = open_stream(dialer, pump)
+    [answerer] = on_listener.protocols
+    return dialer, listener, pump, opener, answerer
+
+
 class StreamTests(SynchronousTestCase):
     def test_streams_open_in_both_directions_and_carry_data_both_ways(self):
         on_listener, on_dialer = Responder(), Responder()
@@ -154,10 +163,7 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(bytes(down.data), b"hello back")
 
     def test_half_close_each_way(self):
-        on_listener = Responder()
-        dialer, listener, pump, _ = pair(self, None, on_listener)
-        opener, _ = open_stream(dialer, pump)
-        [answerer] = on_listener.protocols
+        dialer, listener, pump, opener, answerer = one_stream(self)
         opener.transport.write(b"request")
         opener.transport.loseWriteConnection()
         pump.flush()
@@ -178,10 +184,7 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual((dialer.streams, listener.streams), ({}, {}))
 
     def test_answerer_half_closes_first(self):
-        on_listener = Responder()
-        dialer, listener, pump, _ = pair(self, None, on_listener)
-        opener, _ = open_stream(dialer, pump)
-        [answerer] = on_listener.protocols
+        dialer, listener, pump, opener, answerer = one_stream(self)
         answerer.transport.write(b"banner")
         answerer.transport.loseWriteConnection()
         pump.flush()
@@ -205,10 +208,7 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(listener.streams, {})
 
     def test_lose_connection_sends_what_was_written_then_ends_both_ways(self):
-        on_listener = Responder()
-        dialer, listener, pump, _ = pair(self, None, on_listener)
-        opener, _ = open_stream(dialer, pump)
-        [answerer] = on_listener.protocols
+        dialer, listener, pump, opener, answerer = one_stream(self)
         opener.transport.write(b"last words")
         opener.transport.loseConnection()
         answerer.transport.write(b"nobody reads this")

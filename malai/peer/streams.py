@@ -109,7 +109,7 @@ class MuxStream:
         """Connect ``protocol``; what arrived while it was being built is delivered now."""
         self.protocol = protocol
         self.connected = True
-        protocol.makeConnection(self)
+        self._call(protocol.makeConnection, self)
         self._deliver()
 
     def data_received(self, data: bytes, flow_length: int) -> None:
