@@ -183,7 +183,8 @@ class _Cleanups:
         self.calls.append((f, args))
 
     def run(self):
-        for f, args in reversed(self.calls):
+        calls, self.calls = self.calls, []
+        for f, args in reversed(calls):
             f(*args)
 
 
@@ -196,7 +197,7 @@ class LoopbackCluster:
     down at exit."""
 
     def __init__(self, names, config, ready_check=None):
-        cleanups = _Cleanups()
+        self._cleanups = cleanups = _Cleanups()
         self.cm = DaemonHome(cleanups)
         out = self.cm.ok("cluster", "init", "company")
         self.cm_id52 = out.split("manager ID52: ")[1].split()[0]
@@ -213,6 +214,10 @@ class LoopbackCluster:
         for name, home in self.homes.items():
             home.start(f"tcp:{self.ports[name]}:interface=127.0.0.1")
         self.wait_in_sync()
+
+    def close(self):
+        """Stop the daemons and remove their homes now, not at exit."""
+        self._cleanups.run()
 
     def wait_in_sync(self):
         def synced():

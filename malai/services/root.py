@@ -27,6 +27,7 @@ from malai.peer.relaying import Relayer, relay_endpoint
 from malai.services.cluster import ClusterService
 from malai.services.forwarding import Forwards
 from malai.services.listening import ListeningService
+from malai.services.memory import MemoryTrim
 from malai.services.report import Report, change
 from malai.services.tor import TorService
 
@@ -74,6 +75,7 @@ class MalaiService(MultiService):
         self.control = ListeningService(reactor, control, ControlFactory(self))
         self.forwards = Forwards(self)
         self.forwards.setServiceParent(self)
+        MemoryTrim(reactor).setServiceParent(self)
         # clusters have a namespace of their own: a cluster may be named "tor" or "forwards"
         self.cluster_services = MultiService()
         self.cluster_services.setServiceParent(self)
