@@ -60,7 +60,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, exclusive: bool = F
 def remove_stale_temp_files(folder: Path) -> List[Path]:
     """Remove the temp files in ``folder`` that ``write_atomic`` left when its process was killed
     (one whose process still runs may be at work); return them."""
-    removed = []
+    removed: List[Path] = []
     try:
         names = os.listdir(folder)
     except FileNotFoundError:

@@ -39,7 +39,7 @@ settings.load_profile("malai")
 def chunks(data: bytes, cuts: list) -> list:
     """``data`` split at the given offsets, as a peer's writes may arrive."""
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
 def _frame() -> st.SearchStrategy:

@@ -95,7 +95,7 @@ class BurstTests(TestCase):
             sock.close()
         for name, home in (("web01", web01), ("laptop", laptop)):
             try:
-                wait_for(lambda: home_rss(home) <= baseline[name] * self.BOUND, 60)
+                wait_for(lambda home=home, name=name: home_rss(home) <= baseline[name] * self.BOUND, 60)
             except AssertionError:
                 log = (home.root / "log" / "malai.log").read_text().splitlines()[-15:]
                 self.fail(f"{name}'s RSS not back within {self.BOUND} x {baseline[name] >> 20} MB (peak {peak[name] >> 20} "

@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -124,7 +124,7 @@ class _Gate(Protocol):
         self._clock = clock
         self._pending = pending
         self._source: Optional[str] = None
-        self._deadline = None
+        self._deadline: Optional[IDelayedCall] = None
 
     def connectionMade(self) -> None:
         no_delay(self.transport)

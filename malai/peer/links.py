@@ -133,9 +133,11 @@ class SpareLinks:
         timeout = self.dialer.timeout
 
         def dial(_) -> Deferred:
-            d = dial_ready(self.dialer, local, peer, self.factory)
-            d.addBoth(lambda result: (turns.release(), result)[1])
-            return d
+            def release(result):
+                turns.release()
+                return result
+
+            return dial_ready(self.dialer, local, peer, self.factory).addBoth(release)
 
         def waited(failure):
             failure.trap(WaitTimedOut)
