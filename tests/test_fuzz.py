@@ -14,6 +14,7 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -180,3 +181,172 @@ class EnvelopeFuzz(SynchronousTestCase):
                    "machine": lambda e: Envelope(e.cluster, KEYS["db01"].id52, e.version, e.sha256, e.body,
                                                  e.signature)}[field](sealed)
         self.assertIsNotNone(altered.problem(self.manager.id52, self.machine))
+
+
+# -- AMP boxes on a peer link -------------------------------------------------------------------
+
+COMMANDS = [b"Hello", b"Ping", b"PushConfig", b"GetConfig", b"PutConfig", b"ConfigHistory", b"OpenExec",
+            b"OpenStream", b"RelayOpen", b"RelayRequest", b"RelayAttach", b"Nope", b""]
+KEYS_ = [b"_command", b"_ask", b"_answer", b"_error", b"_error_code", b"_error_description", b"protocol",
+         b"features", b"version", b"addrs", b"payload", b"argv", b"timeout", b"rows", b"body", b"target"]
+
+
+def _box() -> st.SearchStrategy:
+    """A box that is mostly well formed: a command, keys it may carry, values of any bytes."""
+    values = st.one_of(st.binary(max_size=40), st.sampled_from([b"1", b"-1", b"nan", b"True", b"\x00\x00",
+                                                               b"9" * 30]))
+    return st.builds(lambda command, fields: {b"_command": command, b"_ask": b"1", **fields},
+                     st.sampled_from(COMMANDS), st.dictionaries(st.sampled_from(KEYS_), values, max_size=6))
+
+
+def _wire(box: dict) -> bytes:
+    return ampbox.encode_box(box)
+
+
+box_streams = st.lists(st.one_of(_box().map(_wire), st.binary(max_size=60)), min_size=1, max_size=6).map(b"".join)
+
+
+class PeerBoxFuzz(SynchronousTestCase):
+    """A peer link fed anything: answers, or one warning and the link closed; never a traceback,
+    and never more buffered than a box may hold."""
+
+    @given(box_streams, st.lists(st.integers(0, 1 << 12), max_size=4))
+    def test_boxes(self, data, cuts):
+        from twisted.internet.task import Clock
+        from twisted.logger import LogLevel, capturedLogs
+
+        from tests.test_link_hardening import open_link
+        from malai.peer.protocol import MAX_BOX_BYTES
+
+        clock = Clock()
+        link, transport = open_link(clock)
+        with capturedLogs() as events:
+            for part in chunks(data, cuts):
+                if transport.disconnecting:
+                    break
+                link.dataReceived(part)
+            clock.advance(2)
+            link.connectionLost(Failure(ConnectionError("fuzz")))
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+        self.assertLessEqual(len([e for e in events if e["log_level"] >= LogLevel.warn]), 1)
+        self.assertLessEqual(len(link._unprocessed), MAX_BOX_BYTES)
+        self.assertTrue(link.closed.called)
+
+
+# -- HTTP heads and bodies -----------------------------------------------------------------------
+
+HEADER_NAMES = [b"Host", b"Content-Length", b"Transfer-Encoding", b"Connection", b"Upgrade", b"Expect",
+                b"malai-client-id52", b"malai_client_id52", b"Malai-Client-Name", b"X-Forwarded-For",
+                b"Forwarded", b"X-Real-IP", b"Content_Length", b"Transfer_Encoding", b"X-Other"]
+HEADER_VALUES = [b"1", b"0", b"-1", b"10", b"99999999999999999999", b"chunked", b"gzip, chunked", b"chunked, gzip",
+                 b"close", b"keep-alive", b"content-length", b"transfer-encoding", b"websocket", b"100-continue",
+                 b"a.b.localhost", b"", b" x", b"\x7f"]
+
+
+def _head() -> st.SearchStrategy:
+    line = st.builds(lambda m, t, v: m + b" " + t + b" " + v + b"\r\n",
+                     st.sampled_from([b"GET", b"POST", b"PUT", b"CONNECT", b"OPTIONS", b"G\x00T", b""]),
+                     st.sampled_from([b"/", b"/x?y", b"*", b"http://a/", b"a.b:80", b"", b"/\xff"]),
+                     st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x", b""]))
+    header = st.builds(lambda n, v: n + b": " + v + b"\r\n", st.sampled_from(HEADER_NAMES),
+                       st.one_of(st.sampled_from(HEADER_VALUES), st.binary(max_size=12)))
+    return st.builds(lambda first, headers, body: first + b"".join(headers) + b"\r\n" + body,
+                     line, st.lists(header, max_size=8), st.binary(max_size=40))
+
+
+http_streams = st.one_of(st.lists(_head(), min_size=1, max_size=3).map(b"".join), st.binary(max_size=200))
+
+
+def _heads_sent(upstream) -> list:
+    """The header names of each request head an upstream received."""
+    heads = upstream.transport.value().split(b"\r\n\r\n")
+    return [[line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:] if b":" in line]
+            for head in heads if head[:1].isalpha()]
+
+
+class NoClusters:
+    """A daemon in no cluster, for the front: every Host it routes gets a 404."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.clusters: dict = {}
+
+    def cluster(self, name):
+        from malai.errors import MalaiError
+
+        raise MalaiError(f"no cluster {name}")
+
+
+class FrontStub:
+    def port_number(self) -> int:
+        return 8080
+
+
+class LenientTransport(StringTransport):
+    """Like a TCP transport, pausing or resuming a closing connection is no error."""
+
+    def pauseProducing(self):
+        self.producerState = "paused"
+
+    def resumeProducing(self):
+        self.producerState = "producing"
+
+
+class HttpFuzz(SynchronousTestCase):
+    """Any bytes from a caller: a request reaches the upstream unambiguous and unspoofed, or the caller
+    gets an HTTP error; never a traceback."""
+
+    @given(http_streams, st.lists(st.integers(0, 1 << 10), max_size=4))
+    def test_machine_session(self, data, cuts):
+        from twisted.internet.task import Clock
+        from twisted.logger import capturedLogs
+
+        from malai.config.models import HttpService
+        from malai.peer.http_proxy import HttpSession
+        from tests.test_http_hardening import CALLER, FakeAudit, FakePool, caller_bytes
+
+        clock, pool = Clock(), FakePool()
+        session = HttpSession(clock, HttpService("admin", 8080), CALLER, pool, FakeAudit(), "rule")
+        link = LenientTransport()
+        with capturedLogs() as events:
+            session.makeConnection(link)
+            for part in chunks(data, cuts):
+                if link.disconnecting:
+                    break
+                session.dataReceived(frames.encode(frames.DATA, part))
+            clock.advance(120)
+            session.connectionLost(Failure(ConnectionError("fuzz")))
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+        for upstream in pool.upstreams:
+            for names in _heads_sent(upstream):
+                self.assertFalse(b"content-length" in names and b"transfer-encoding" in names, names)
+                spoofable = [n for n in names if n.replace(b"_", b"-").startswith(b"malai-client-")]
+                self.assertLessEqual(len(spoofable), 3, names)  # only the three the machine injects
+                self.assertNotIn(b"malai_client_id52", names)
+                self.assertNotIn(b"forwarded", names)
+        answer = caller_bytes(link)
+        if answer not in (b"", b"<EOF>"):
+            self.assertTrue(answer.startswith(b"HTTP/1.1 "), answer[:40])
+
+    @given(http_streams, st.lists(st.integers(0, 1 << 10), max_size=4))
+    def test_front_before_routing(self, data, cuts):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.logger import capturedLogs
+
+        from malai.services.http_front import _FrontFactory
+
+        clock = Clock()
+        end = _FrontFactory(NoClusters(clock), FrontStub()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        browser = StringTransport()
+        with capturedLogs() as events:
+            end.makeConnection(browser)
+            for part in chunks(data, cuts):
+                if browser.disconnecting:
+                    break
+                end.dataReceived(part)
+            clock.advance(60)
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+        answer = browser.value()
+        if answer:
+            self.assertTrue(answer.startswith(b"HTTP/1.1 "), answer[:40])
