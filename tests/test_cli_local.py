@@ -90,6 +90,13 @@ class InitTests(CliTestCase):
             self.assertIn("usage: malai", r.stdout)
 
 
+    def test_version(self):
+        import malai
+
+        r = self.malai("--version")
+        self.assertEqual((r.returncode, r.stdout), (0, f"malai {malai.__version__}\n"))
+
+
 class CheckTests(CliTestCase):
     def setUp(self):
         super().setUp()

@@ -4,6 +4,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+import malai
 from malai.errors import MalaiError
 
 __all__ = ["main"]
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Peer-to-peer infrastructure: run commands and reach services by identity.",
     )
     parser.add_argument("--home", help="MALAI_HOME to use (default: $MALAI_HOME or ~/.local/share/malai)")
+    parser.add_argument("--version", action="version", version=f"malai {malai.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (keygen, cluster, machine, info, rescan, acl, config, daemon, ping, service):
         module.add_parser(sub)
@@ -35,7 +37,7 @@ def _remote_argv(argv: List[str]) -> Optional[tuple]:
         home, rest = rest[1], rest[2:]
     elif rest and rest[0].startswith("--home="):
         home, rest = rest[0].split("=", 1)[1], rest[1:]
-    if not rest or rest[0] in SUBCOMMANDS or rest[0] in ("-h", "--help"):
+    if not rest or rest[0] in SUBCOMMANDS or rest[0] in ("-h", "--help", "--version"):
         return None
     return home, rest
 
