@@ -14,7 +14,10 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,10 +28,17 @@ from malai.config.device import parse_device
 from malai.config.envelope import Envelope
 from malai.config.errors import ConfigError
 from malai.config.machine import parse_machine_config
+from malai.config.models import HttpService
+from malai.errors import MalaiError
 from malai.peer import proxy_header
+from malai.peer.http_proxy import HttpSession
+from malai.peer.protocol import MAX_BOX_BYTES
 from malai.peer.relay import Relay
+from malai.services.http_front import _FrontFactory
 
 from .helpers import KEYS, cluster_text
+from .test_http_hardening import CALLER, FakeAudit, FakePool, caller_bytes
+from .test_link_hardening import open_link
 from .test_relay_unit import HalfCloseTransport
 
 EXAMPLES = int(os.environ.get("MALAI_FUZZ", "300"))
@@ -212,12 +222,6 @@ class PeerBoxFuzz(SynchronousTestCase):
 
     @given(box_streams, st.lists(st.integers(0, 1 << 12), max_size=4))
     def test_boxes(self, data, cuts):
-        from twisted.internet.task import Clock
-        from twisted.logger import LogLevel, capturedLogs
-
-        from tests.test_link_hardening import open_link
-        from malai.peer.protocol import MAX_BOX_BYTES
-
         clock = Clock()
         link, transport = open_link(clock)
         with capturedLogs() as events:
@@ -272,8 +276,6 @@ class NoClusters:
         self.clusters: dict = {}
 
     def cluster(self, name):
-        from malai.errors import MalaiError
-
         raise MalaiError(f"no cluster {name}")
 
 
@@ -298,13 +300,6 @@ class HttpFuzz(SynchronousTestCase):
 
     @given(http_streams, st.lists(st.integers(0, 1 << 10), max_size=4))
     def test_machine_session(self, data, cuts):
-        from twisted.internet.task import Clock
-        from twisted.logger import capturedLogs
-
-        from malai.config.models import HttpService
-        from malai.peer.http_proxy import HttpSession
-        from tests.test_http_hardening import CALLER, FakeAudit, FakePool, caller_bytes
-
         clock, pool = Clock(), FakePool()
         session = HttpSession(clock, HttpService("admin", 8080), CALLER, pool, FakeAudit(), "rule")
         link = LenientTransport()
@@ -330,12 +325,6 @@ class HttpFuzz(SynchronousTestCase):
 
     @given(http_streams, st.lists(st.integers(0, 1 << 10), max_size=4))
     def test_front_before_routing(self, data, cuts):
-        from twisted.internet.address import IPv4Address
-        from twisted.internet.task import Clock
-        from twisted.logger import capturedLogs
-
-        from malai.services.http_front import _FrontFactory
-
         clock = Clock()
         end = _FrontFactory(NoClusters(clock), FrontStub()).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         browser = StringTransport()

@@ -58,7 +58,7 @@ class DaemonFuzzTests(TestCase):
         rng = random.Random(1313)
         for _ in range(self.CONNECTIONS):
             raw = m.link()
-            send_until_closed(lambda data: raw.send(data), [fuzz_boxes(rng, PEER_COMMANDS, 20)])
+            send_until_closed(raw.send, [fuzz_boxes(rng, PEER_COMMANDS, 20)])
             raw.closed_by_peer(0.5)
             raw.close()
             s = m.control()
