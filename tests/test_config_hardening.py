@@ -92,8 +92,8 @@ class UploadIdentityTests(TestCase):
         self.assertIn('cluster_name = "company"', self.c.config.read_text())
 
 
-class StoreIdentityTests(SynchronousTestCase):
-    """The same rules on the store, for local uploads and rollbacks."""
+class StoreTestCase(SynchronousTestCase):
+    """A manager's folder with the sample cluster and its key, and its store."""
 
     def setUp(self):
         self.folder = Path(self.mktemp())
@@ -101,6 +101,10 @@ class StoreIdentityTests(SynchronousTestCase):
         (self.folder / "cluster.toml").write_text(cluster_text())
         KEYS["cm"].save(self.folder / "cluster.private-key")
         self.store = ClusterStore(self.folder)
+
+
+class StoreIdentityTests(StoreTestCase):
+    """The same rules on the store, for local uploads and rollbacks."""
 
     def test_rollback_to_another_cluster_name_is_refused(self):
         first = self.store.current()
@@ -216,15 +220,8 @@ class NoEditLostTests(TestCase):
         self.assertEqual(self.c.history()[-1]["by"], LOCAL_EDIT)
 
 
-class CrashTests(SynchronousTestCase):
+class CrashTests(StoreTestCase):
     """#22 item 9 on the store and write_atomic."""
-
-    def setUp(self):
-        self.folder = Path(self.mktemp())
-        self.folder.mkdir()
-        (self.folder / "cluster.toml").write_text(cluster_text())
-        KEYS["cm"].save(self.folder / "cluster.private-key")
-        self.store = ClusterStore(self.folder)
 
     def test_crash_between_history_and_state_makes_no_duplicate(self):
         self.store.current()

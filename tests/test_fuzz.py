@@ -53,6 +53,14 @@ def chunks(data: bytes, cuts: list) -> list:
     return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
+def feed(receive, transport, data: bytes, cuts: list) -> None:
+    """Hand ``data`` to ``receive`` in pieces, as long as ``transport`` stays open."""
+    for part in chunks(data, cuts):
+        if transport.disconnecting:
+            return
+        receive(part)
+
+
 def _frame() -> st.SearchStrategy:
     kinds = st.sampled_from([frames.STDIN, frames.EOF, frames.STDOUT, frames.STDERR, frames.SIGNAL,
                              frames.WINSIZE, frames.EXIT, frames.ERROR, frames.DATA, b"?", b"\x00"])
@@ -93,10 +101,7 @@ class RelayFuzz(SynchronousTestCase):
         plain, link = HalfCloseTransport(), HalfCloseTransport()
         relay.plain.makeConnection(plain)
         relay.link.makeConnection(link)
-        for part in chunks(data, cuts):
-            if link.disconnecting:
-                break
-            relay.link.dataReceived(part)
+        feed(relay.link.dataReceived, link, data, cuts)
         relay.link.connectionLost(Failure(ConnectionError("fuzz")))
         relay.plain.connectionLost(Failure(ConnectionError("fuzz")))
 
@@ -225,10 +230,7 @@ class PeerBoxFuzz(SynchronousTestCase):
         clock = Clock()
         link, transport = open_link(clock)
         with capturedLogs() as events:
-            for part in chunks(data, cuts):
-                if transport.disconnecting:
-                    break
-                link.dataReceived(part)
+            feed(link.dataReceived, transport, data, cuts)
             clock.advance(2)
             link.connectionLost(Failure(ConnectionError("fuzz")))
         self.assertEqual([e for e in events if e.get("log_failure")], [])
@@ -305,10 +307,7 @@ class HttpFuzz(SynchronousTestCase):
         link = LenientTransport()
         with capturedLogs() as events:
             session.makeConnection(link)
-            for part in chunks(data, cuts):
-                if link.disconnecting:
-                    break
-                session.dataReceived(frames.encode(frames.DATA, part))
+            feed(lambda part: session.dataReceived(frames.encode(frames.DATA, part)), link, data, cuts)
             clock.advance(120)
             session.connectionLost(Failure(ConnectionError("fuzz")))
         self.assertEqual([e for e in events if e.get("log_failure")], [])
@@ -330,10 +329,7 @@ class HttpFuzz(SynchronousTestCase):
         browser = StringTransport()
         with capturedLogs() as events:
             end.makeConnection(browser)
-            for part in chunks(data, cuts):
-                if browser.disconnecting:
-                    break
-                end.dataReceived(part)
+            feed(end.dataReceived, browser, data, cuts)
             clock.advance(60)
         self.assertEqual([e for e in events if e.get("log_failure")], [])
         answer = browser.value()
