@@ -199,9 +199,24 @@ def run_stop(args) -> int:
         return 0
     run_twisted(call, home.socket, Stop)
     deadline = time.monotonic() + args.timeout
-    while lock.holder():
+    while lock.holder() or _running(pid):  # the lock goes first, then the process exits
         if time.monotonic() > deadline:
             raise MalaiError(f"the daemon (pid {pid}) did not stop within {args.timeout:g}s; run `kill {pid}`")
         time.sleep(0.05)
     print(f"malai daemon stopped (pid {pid})")
     return 0
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie nobody reaped yet has stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
