@@ -1,16 +1,20 @@
 """Run the whole suite with trial and end with a line ``N passed, N failed``."""
 
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 SUMMARY = re.compile(r"^(PASSED|FAILED) \((.*)\)$")
 
 
 def main() -> int:
     args = sys.argv[1:] or ["tests"]
+    # short (UNIX socket paths live there) and this run's own: two runs may share a machine
+    temp = tempfile.mkdtemp(prefix="malai-trial-", dir="/tmp")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "twisted.trial", "--temp-directory=/tmp/malai_trial", *args],
+        [sys.executable, "-m", "twisted.trial", f"--temp-directory={temp}/t", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     counts = {}
@@ -28,6 +32,10 @@ def main() -> int:
     if not counts and code:
         failed = max(failed, 1)
     tail = f", {skipped} skipped" if skipped else ""
+    if code == 0:
+        shutil.rmtree(temp, ignore_errors=True)
+    else:
+        print(f"trial's log and temporary files: {temp}/t")
     print(f"{passed} passed, {failed} failed{tail}")
     return code
 
