@@ -79,7 +79,7 @@ class DaemonLock:
             text = self.path.read_text().strip()
         except FileNotFoundError:
             return None
-        return int(text) if text.isdigit() else None
+        return int(text) if text.isascii() and text.isdigit() else None
 
     def _wait_for_pid(self) -> Optional[int]:
         # The holder writes its pid right after locking; give it a moment.

@@ -176,6 +176,12 @@ class ConfigFuzz(SynchronousTestCase):
         self._parse(parse, text)
 
 
+    def test_ports_in_other_scripts_are_refused(self):
+        """Found by fuzzing: str.isdigit() takes '¹7420', which int() refuses."""
+        with self.assertRaises(ConfigError):
+            parse_cluster_info(f'id52 = "{KEYS["cm"].id52}"\naddrs = ["127.0.0.1:\u00b97420"]\n')
+
+
 class EnvelopeFuzz(SynchronousTestCase):
     """A forged or altered envelope gets a reason; only the manager's seal passes."""
 

@@ -178,7 +178,8 @@ class AdvertisedAddresses(SynchronousTestCase):
     def test_only_the_host_the_link_came_from(self):
         book = AddressBook()
         kept = book.advertise("p", ["169.254.169.254:80", "0.0.0.0:7420", "192.0.2.5:7421", "evil.example:7420",
-                                    "192.0.2.5:notaport", "192.0.2.5:70000", "tcp:192.0.2.5:7422",
+                                    "192.0.2.5:notaport", "192.0.2.5:70000", "192.0.2.5:\u00b97420",
+                                    "tcp:192.0.2.5:7422",
                                     "relay:" + "a" * 52], "192.0.2.5")
         self.assertEqual(kept, ["tcp:192.0.2.5:7420", "tcp:192.0.2.5:7421", "tcp:192.0.2.5:7422"])
         self.assertEqual(book.hints("p"), kept)

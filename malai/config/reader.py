@@ -34,7 +34,7 @@ def check_username(value: str) -> Optional[str]:
 def check_addr(value: str) -> Optional[str]:
     """``HOST:PORT`` or ``[IPV6]:PORT``."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         return f"{value!r} is not an address: use HOST:PORT with a port from 1 to 65535"
     if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
         return f"{value!r}: write an IPv6 address in brackets, as [::1]:7420"

@@ -137,7 +137,7 @@ class ClusterStore:
         return max(int(state.get("version", 0)), self._last_history()) + 1
 
     def _last_history(self) -> int:
-        versions = [int(p.stem) for p in self.history_dir.glob("*.toml") if p.stem.isdigit()]
+        versions = [int(p.stem) for p in self.history_dir.glob("*.toml") if p.stem.isascii() and p.stem.isdigit()]
         return max(versions, default=0)
 
     def _history_file(self, version: int) -> Path:
@@ -187,8 +187,8 @@ class ClusterStore:
     def history(self) -> List[Dict[str, Any]]:
         """Every version: its number, hash, when and by whom (``local edit`` for a hand edit)."""
         out = []
-        for path in sorted(self.history_dir.glob("*.toml"), key=lambda p: int(p.stem) if p.stem.isdigit() else 0):
-            if path.stem.isdigit():
+        for path in sorted(self.history_dir.glob("*.toml"), key=lambda p: int(p.stem) if p.stem.isascii() and p.stem.isdigit() else 0):
+            if path.stem.isascii() and path.stem.isdigit():
                 version, text = int(path.stem), path.read_text()
                 meta = self._meta(version)
                 out.append({"version": version, "sha256": sha256_hex(text),

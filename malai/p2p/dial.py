@@ -63,7 +63,7 @@ def hint_endpoint(reactor, hint: str, timeout: float) -> IStreamClientEndpoint:
     """The client endpoint a hint names."""
     kind, _, rest = normalize_hint(hint).partition(":")
     host, _, port = rest.rpartition(":")
-    if kind != "tcp" or not host or not port.isdigit():
+    if kind != "tcp" or not host or not (port.isascii() and port.isdigit()):
         raise DialError(f"cannot use connection hint {hint!r}: expected tcp:HOST:PORT")
     return HostnameEndpoint(reactor, host.strip("[]"), int(port), timeout=timeout)
 
@@ -119,7 +119,7 @@ def _on_host(hint: str, host: str) -> bool:
     """Whether ``hint`` is ``tcp:HOST:PORT`` with a valid port on ``host`` (an IP address)."""
     kind, _, rest = hint.partition(":")
     hint_host, _, port = rest.rpartition(":")
-    if kind != "tcp" or not port.isdigit() or not 0 < int(port) < 65536:
+    if kind != "tcp" or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         return False
     try:
         return _ip(hint_host.strip("[]")) == _ip(host)
