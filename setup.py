@@ -22,5 +22,5 @@ setup(
     extras_require={
         "test": ["hypothesis>=6", "ruff", "mypy", "mypy-zope", "websockets>=12"],
     },
-    entry_points={"console_scripts": ["malai = malai.cli:run"]},
+    entry_points={"console_scripts": ["malai = malai.cli:run", "malai-ssh = malai.cli.ssh:run"]},
 )

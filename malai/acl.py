@@ -156,6 +156,24 @@ class Acl:
                             f"command {entry.name} takes no arguments")
         return decision
 
+    def can_run_in_shell(self, machine: Machine, caller: str, why: str) -> Decision:
+        """A command string that needs a shell (``why``: what in it does): where a login shell may run."""
+        decision = self.can_run(machine, caller, [])
+        if decision:
+            return decision
+        need = f"the command needs a shell ({why}), which you may not start here"
+        return attrs.evolve(decision, reason=f"{decision.reason}; {need}", brief=need)
+
+    def can_use_files(self, machine: Machine, caller: str) -> Decision:
+        """The machine's files through its sftp server: ``allow_files``, default ``allow_shell``."""
+        prefix = f"machine.{machine.name}"
+        if machine.allow_files is not None:
+            return self.check(f"{prefix}.allow_files", machine.allow_files, caller)
+        if machine.allow_shell is not None:
+            return self.check(f"{prefix}.allow_shell (allow_files defaults to it)", machine.allow_shell, caller)
+        return self.check(f"{prefix}.allow_from (allow_files and allow_shell default to it)", machine.allow_from,
+                          caller)
+
     def can_reach(self, machine: Machine, kind: str, service: str, caller: str) -> Decision:
         """Reaching the ``kind`` (``tcp`` or ``http``) service ``service`` on ``machine``."""
         services = machine.tcp if kind == "tcp" else machine.http

@@ -10,6 +10,7 @@ over a socket pair.
 import fnmatch
 import json
 import os
+import re
 import select
 import selectors
 import signal
@@ -19,6 +20,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 import tty
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -29,17 +31,21 @@ from malai.ampbox import encode_box, read_box
 __all__ = ["looks_like_target", "main"]
 
 EXIT_DENIED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 126, 2, 255, 124
-CONNECT_TIMEOUT = 10.0  # seconds to wait for room in the daemon's accept queue
+EXIT_READER_GONE = 128 + signal.SIGPIPE  # our stdout's reader left first, as a local writer would end
+CONNECT_TIMEOUT = 10.0  # seconds until the machine has answered (and for room in the daemon's accept queue)
+TIMEOUT_GRACE = 3.0  # past --timeout: the machine's TERM, KILL after 2 s, and its exit frame on the way
 STDOUT, STDERR = 1, 2
 FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 ERROR_EXIT = {b"DENIED": EXIT_DENIED, b"UNKNOWN": EXIT_USAGE, b"UNREACHABLE": EXIT_UNREACHABLE}
 
-USAGE = """usage: malai [--home DIR] [-t] [--timeout S] [--json] [--machines A,B] [--parallel N]
-             <machine>.<cluster> | <alias> [command [args…]]
+USAGE = """usage: malai [--home DIR] [-t] [--timeout S] [--connect-timeout S] [--json] [--machines A,B]
+             [--parallel N] <machine>.<cluster> | <alias> [command [args…]]
+       malai ssh [ssh options] <machine>.<cluster> [command string…]   (see docs/ssh.md)
 
-Run a command on a machine (no command: an interactive login shell).
-  -t            allocate a terminal (raw mode here, a PTY there)
-  --timeout S   kill the remote command after S seconds (exit 124)
+Run a command on a machine (no command: a login shell, with a terminal when stdin is one).
+  -t            allocate a terminal (a PTY there; raw mode here when stdin is a terminal)
+  --timeout S   kill the remote command after S seconds (exit 124); connecting counts
+  --connect-timeout S  give up when the machine has not answered after S seconds (default 10; exit 255)
   --json        fan-out: one JSON object per output chunk, then one per exit
   --machines A,B  fan-out to these machines of the cluster ('*.<cluster>' for all, 'web*.<cluster>' to match)
   --parallel N  fan-out: at most N machines at once (default 16)
@@ -63,11 +69,28 @@ def read_aliases(home: Path) -> Dict[str, str]:
 
 class Options:
     def __init__(self) -> None:
-        self.tty = False
+        self.tty = False  # a terminal on the machine: run_one decides it from tty_mode
+        self.tty_mode = "auto"  # auto (with no command and stdin a terminal), no, yes (if stdin is one), force
         self.timeout: Optional[float] = None
+        self.connect_timeout = CONNECT_TIMEOUT
         self.json = False
         self.machines: List[str] = []
         self.parallel = 16
+        self.line: Optional[str] = None  # ssh's command string, instead of an argv
+        self.subsystem: Optional[str] = None  # ssh -s: ``sftp``
+        self.stdin = True  # False: send no input (ssh -n)
+        self.quiet = False  # no warnings (ssh -q)
+
+
+def seconds(word: str, value: str) -> float:
+    """A positive, finite number of seconds, or SystemExit naming the option."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise SystemExit(f"malai: {word} {value!r}: not a number") from None
+    if not 0 < number < float("inf"):
+        raise SystemExit(f"malai: {word} {value}: timeout must be a positive number of seconds")
+    return number
 
 
 def parse(argv: List[str]) -> Tuple[Options, str, List[str]]:
@@ -77,22 +100,22 @@ def parse(argv: List[str]) -> Tuple[Options, str, List[str]]:
         word = argv[i]
         value = argv[i + 1] if i + 1 < len(argv) else None
         if word == "-t":
-            opts.tty = True
+            opts.tty_mode = "force"
         elif word == "--json":
             opts.json = True
-        elif word in ("--timeout", "--machines", "--parallel") and value is not None:
+        elif word in ("--timeout", "--connect-timeout", "--machines", "--parallel") and value is not None:
             i += 1
-            try:
-                if word == "--timeout":
-                    opts.timeout = float(value)
-                    if not 0 < opts.timeout < float("inf"):
-                        raise SystemExit(f"malai: --timeout {value}: timeout must be a positive number of seconds")
-                elif word == "--parallel":
+            if word == "--timeout":
+                opts.timeout = seconds(word, value)
+            elif word == "--connect-timeout":
+                opts.connect_timeout = seconds(word, value)
+            elif word == "--parallel":
+                try:
                     opts.parallel = max(1, int(value))
-                else:
-                    opts.machines = [m for m in value.split(",") if m]
-            except ValueError:
-                raise SystemExit(f"malai: {word} {value!r}: not a number") from None
+                except ValueError:
+                    raise SystemExit(f"malai: {word} {value!r}: not a number") from None
+            else:
+                opts.machines = [m for m in value.split(",") if m]
         elif word in ("-h", "--help"):
             print(USAGE)
             raise SystemExit(0)
@@ -126,8 +149,9 @@ def main(argv: List[str], home: Path) -> int:
 
 
 # -- talking to the daemon (or the direct helper) -------------------------------------
-def connect(home: Path) -> Tuple[socket.socket, Optional[subprocess.Popen]]:
+def connect(home: Path, timeout: Optional[float] = None) -> Tuple[socket.socket, Optional[subprocess.Popen]]:
     """The daemon's control socket, or a socket pair to a direct-dial helper."""
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
     path = home / "malai.socket"
     try:
         st = os.stat(path)
@@ -138,7 +162,7 @@ def connect(home: Path) -> Tuple[socket.socket, Optional[subprocess.Popen]]:
             raise ConnectionError(f"{path}: not a private socket of yours; refusing to use it")
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # A blocking connect waits while the daemon's accept queue is full; this bounds the wait.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(CONNECT_TIMEOUT))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
         try:
             s.connect(str(path))
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
@@ -147,11 +171,12 @@ def connect(home: Path) -> Tuple[socket.socket, Optional[subprocess.Popen]]:
             s.close()
         except BlockingIOError:
             s.close()
-            raise ConnectionError(f"the daemon accepted no connection within {CONNECT_TIMEOUT:g}s "
+            raise ConnectionError(f"the daemon accepted no connection within {timeout:g}s "
                                   "(too many callers at once?); try again") from None
     ours, theirs = socket.socketpair()
+    # A session of its own: the terminal's Ctrl-C is ours to forward or act on; the helper ends with its socket.
     helper = subprocess.Popen([sys.executable, "-m", "malai.cli.direct", str(home), str(theirs.fileno())],
-                              pass_fds=[theirs.fileno()])
+                              pass_fds=[theirs.fileno()], start_new_session=True)
     theirs.close()
     return ours, helper
 
@@ -169,18 +194,30 @@ def _strings(items: List[str]) -> bytes:
 
 
 def request(sock: socket.socket, cluster: str, machine: str, argv: List[str], opts: Options,
-            rows: int, cols: int, early: Optional[bytearray] = None) -> Optional[Tuple[int, str]]:
+            rows: int, cols: int, early: Optional[bytearray] = None,
+            deadline: Optional[float] = None) -> Optional[Tuple[int, str]]:
     """Send ``Exec``; None when accepted (frames that came with the answer go to ``early``),
-    else (exit status, message)."""
+    else (exit status, message). ``TimeoutError`` when no answer came by ``deadline`` (monotonic)."""
     box = {b"_command": b"Exec", b"_ask": b"1", b"cluster": cluster.encode(), b"machine": machine.encode(),
            b"argv": _strings(argv), b"tty": b"True" if opts.tty else b"False",
            b"term": os.environ.get("TERM", "xterm").encode(), b"rows": str(rows).encode(),
            b"cols": str(cols).encode()}
     if opts.timeout is not None:
         box[b"timeout"] = repr(opts.timeout).encode()
+    if opts.line is not None:
+        box[b"line"] = opts.line.encode()
+    if opts.subsystem is not None:
+        box[b"subsystem"] = opts.subsystem.encode()
     sock.sendall(encode_box(box))
     buffer = early if early is not None else bytearray()
-    answer = read_box(sock, buffer)
+    if deadline is not None:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+    try:
+        answer = read_box(sock, buffer)
+    except socket.timeout:
+        raise TimeoutError from None
+    finally:
+        sock.settimeout(None)
     if b"_error" in answer:
         code = answer.get(b"_error_code", b"")
         return ERROR_EXIT.get(code, 1), answer.get(b"_error_description", b"").decode(errors="replace")
@@ -188,33 +225,95 @@ def request(sock: socket.socket, cluster: str, machine: str, argv: List[str], op
 
 
 def run_one(home: Path, opts: Options, cluster: str, machine: str, argv: List[str]) -> int:
-    interactive = opts.tty or not argv
-    if interactive and not sys.stdin.isatty():
-        interactive = opts.tty = False
-    else:
-        opts.tty = interactive
+    name = f"{machine}.{cluster}"
+    stdin_tty = _isatty(0)
+    has_command = bool(argv) or opts.line is not None or opts.subsystem is not None
+    mode = opts.tty_mode
+    opts.tty = mode == "force" or (stdin_tty and (mode == "yes" or (mode == "auto" and not has_command)))
+    if mode == "yes" and not stdin_tty and not opts.quiet:
+        print("malai: no terminal on the machine: stdin is not a terminal (-tt forces one)", file=sys.stderr)
     rows, cols = _winsize()
+    start = time.monotonic()
+    bound, why = opts.connect_timeout, "the connect timeout"
+    if opts.timeout is not None and opts.timeout < bound:
+        bound, why = opts.timeout, "--timeout"
+    sock = helper = None
     try:
-        sock, helper = connect(home)
-    except OSError as e:
-        print(f"malai: {e}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    try:
+        sock, helper = connect(home, opts.connect_timeout)
         early = bytearray()
-        try:
-            refused = request(sock, cluster, machine, argv, opts, rows, cols, early)
-        except (ConnectionError, OSError) as e:
-            print(f"malai: {e}", file=sys.stderr)
-            return EXIT_UNREACHABLE
+        refused = request(sock, cluster, machine, argv, opts, rows, cols, early, start + bound)
         if refused is not None:
             code, message = refused
-            print(f"malai: {message}", file=sys.stderr)
+            print(f"malai: {named(home, cluster, message)}", file=sys.stderr)
             return code
-        return Session(sock, interactive, bytes(early)).run()
+        deadline = None if opts.timeout is None else start + opts.timeout + TIMEOUT_GRACE
+        return Session(sock, opts.tty and stdin_tty, bytes(early), name, deadline, opts.stdin).run()
+    except TimeoutError:
+        print(f"malai: {name} did not answer within {bound:g}s ({why}); tried {tried(home, cluster, machine)}. "
+              f"Is it up and reachable from here? `malai ping {name}` tells more", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except OSError as e:
+        print(f"malai: {name}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        print(f"malai: interrupted while connecting to {name}", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
         if helper is not None:
-            helper.wait()
+            _reap(helper)
+
+
+def _reap(helper: subprocess.Popen) -> None:
+    """The direct helper ends when its socket closes; one still dialing is stopped."""
+    try:
+        helper.wait(2)
+    except subprocess.TimeoutExpired:
+        helper.kill()
+        helper.wait()
+
+
+def known_peers(home: Path, cluster: str) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
+    """From this device's config of ``cluster``: names by ID52, and addresses by machine name."""
+    import tomllib
+
+    names: Dict[str, str] = {}
+    addrs: Dict[str, List[str]] = {}
+    for file, tables in (("machine.toml", ("directory", "relay", "machine")), ("cluster.toml", ("machine",))):
+        try:
+            with open(home / "clusters" / cluster / file, "rb") as f:
+                config = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError):
+            continue
+        names[str(config.get("cluster_manager", {}).get("id52"))] = "manager"
+        for table in tables:
+            for name, entry in config.get(table, {}).items():
+                if isinstance(entry, dict):
+                    names[str(entry.get("id52"))] = name
+                    addrs.setdefault(name, []).extend(str(a) for a in entry.get("addrs", []))
+    return names, addrs
+
+
+def named(home: Path, cluster: str, text: str) -> str:
+    """``text`` with the ID52s this device knows replaced by their machine names."""
+    if not re.search(r"\b[a-z0-9]{52}\b", text):
+        return text
+    names = known_peers(home, cluster)[0]
+    return re.sub(r"\b[a-z0-9]{52}\b", lambda m: names.get(m.group(0), m.group(0)), text)
+
+
+def tried(home: Path, cluster: str, machine: str) -> str:
+    """What the daemon dials for ``machine``, from this device's config, for a message."""
+    hints = known_peers(home, cluster)[1].get(machine, [])
+    return ", ".join(hints) + " through the daemon" if hints else "through the daemon (no address in the config)"
+
+
+def _isatty(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def _winsize() -> Tuple[int, int]:
@@ -240,33 +339,44 @@ def write_all(fd: int, data: bytes) -> None:
             poller.poll()
 
 
+class ReaderGone(Exception):
+    """Our stdout's reader has left (``| head``)."""
+
+
 class Session:
     """Pump stdin into frames and frames out to stdout/stderr until the exit frame.
 
     Never blocks on one direction: the socket is non-blocking, stdin is read only
     while little is queued for the socket, and output is read all the while (and
-    written whole: the remote waits while our stdout does)."""
+    written whole: the remote waits while our stdout does). Never waits past
+    ``deadline``; a second INT, TERM or HUP (the first goes to the command) ends it here."""
 
     MAX_QUEUED = 256 * 1024
 
-    def __init__(self, sock: socket.socket, interactive: bool, early: bytes = b""):
+    def __init__(self, sock: socket.socket, interactive: bool, early: bytes = b"", name: str = "the machine",
+                 deadline: Optional[float] = None, stdin: bool = True):
         self.sock = sock
         self.interactive = interactive
         self.parser = frames.FrameParser()
         self.exit: Optional[int] = None
         self.queued = bytearray()
         self.early = early  # output that came with the answer: written once signals are forwarded
+        self.name = name
+        self.deadline = deadline  # monotonic: --timeout and its grace have passed
+        self.use_stdin = stdin
+        self.signalled = False  # a signal went to the command already
+        self.closed: set = set()  # our outputs whose reader has left
 
     def run(self) -> int:
         saved = None
-        stdin = sys.stdin.fileno()
+        stdin = sys.stdin.fileno() if sys.stdin is not None else -1
         if self.interactive:
             saved = termios.tcgetattr(stdin)
             tty.setraw(stdin)
         signal_r, signal_w = os.pipe()
         os.set_blocking(signal_w, False)
-        previous = {s: signal.signal(s, lambda n, f: os.write(signal_w, bytes([n]))) for s in
-                    ((signal.SIGWINCH,) if self.interactive else FORWARD + (signal.SIGWINCH,))}
+        previous = {s: signal.signal(s, lambda n, f: os.write(signal_w, bytes([n])))
+                    for s in FORWARD + (signal.SIGWINCH,)}
         self.sock.setblocking(False)
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "sock")
@@ -280,7 +390,12 @@ class Session:
                     stdin_state = "file" if self._read_stdin(stdin) else "closed"
                     want_stdin = False
                 self._interest(sel, stdin, stdin_state == "pollable" and want_stdin)
-                timeout = 0 if stdin_state == "file" and len(self.queued) < self.MAX_QUEUED else None
+                timeout: Optional[float] = 0 if stdin_state == "file" and len(self.queued) < self.MAX_QUEUED else None
+                if self.deadline is not None:
+                    left = self.deadline - time.monotonic()
+                    if left <= 0:
+                        return self._leave(f"--timeout passed and {self.name} did not end the command", EXIT_TIMEOUT)
+                    timeout = left if timeout is None else min(timeout, left)
                 for key, mask in sel.select(timeout):
                     if key.data == "sock":
                         if mask & selectors.EVENT_WRITE:
@@ -293,9 +408,17 @@ class Session:
                             stdin_state = "closed"
                     elif key.data == "signal":
                         for n in os.read(signal_r, 64):
-                            self._queue(frames.winsize_frame(*_winsize()) if n == signal.SIGWINCH
-                                        else frames.encode(frames.SIGNAL, str(n).encode()))
+                            if n == signal.SIGWINCH:
+                                self._queue(frames.winsize_frame(*_winsize()))
+                            elif self.interactive or self.signalled:  # a terminal sends keys, not signals
+                                return self._leave(f"{signal.Signals(n).name}: left {self.name} (the command "
+                                                   "there is hung up)", 128 + n)
+                            else:
+                                self.signalled = True
+                                self._queue(frames.encode(frames.SIGNAL, str(n).encode()))
             return self.exit
+        except ReaderGone:
+            return self._reader_gone()
         except (BrokenPipeError, ConnectionResetError):
             return self._drain()
         finally:
@@ -308,6 +431,8 @@ class Session:
 
     def _stdin_kind(self, sel, stdin: int) -> str:
         try:
+            if not self.use_stdin:
+                raise ValueError("no stdin")
             sel.register(stdin, selectors.EVENT_READ, "stdin")
             return "pollable"
         except PermissionError:  # a regular file: always readable, epoll refuses it
@@ -364,17 +489,45 @@ class Session:
     def _handle(self, data: bytes) -> None:
         for kind, payload in self.parser.feed(data):
             if kind == frames.STDOUT:
-                write_all(STDOUT, payload)
+                self._write(STDOUT, payload)
             elif kind == frames.STDERR:
-                write_all(STDERR, payload)
+                self._write(STDERR, payload)
             elif kind == frames.ERROR:
-                write_all(STDERR, b"malai: " + payload + b"\r\n")
+                self._write(STDERR, b"malai: " + payload + b"\r\n")
             elif kind == frames.EXIT:
                 self.exit = json.loads(payload)["code"]
 
+    def _write(self, fd: int, data: bytes) -> None:
+        """Write whole; ``ReaderGone`` once stdout's reader has left (stderr's is let go quietly)."""
+        if fd in self.closed:
+            return
+        try:
+            write_all(fd, data)
+        except BrokenPipeError:
+            self.closed.add(fd)
+            if fd == STDOUT:
+                raise ReaderGone() from None
+
+    def _reader_gone(self) -> int:
+        """``| head`` has what it wanted: end quietly, with the command's status if it has come
+        already, else as a local writer would end (SIGPIPE); closing hangs the command up."""
+        self.sock.setblocking(False)
+        try:
+            while self.exit is None:
+                data = self.sock.recv(262144)
+                if not data:
+                    break
+                self._handle(data)
+        except OSError:  # nothing more waiting
+            pass
+        return self.exit if self.exit is not None else EXIT_READER_GONE
+
+    def _leave(self, why: str, code: int) -> int:
+        self._write(STDERR, f"\r\nmalai: {why}\n".encode())
+        return code
+
     def _lost(self) -> int:
-        write_all(STDERR, b"\r\nmalai: the connection to the machine was lost\n")
-        return EXIT_UNREACHABLE
+        return self._leave(f"the connection to {self.name} was lost before the command ended", EXIT_UNREACHABLE)
 
 
 # -- fan-out --------------------------------------------------------------------------
@@ -422,9 +575,13 @@ def fan_out(home: Path, opts: Options, pattern: str, cluster: str, argv: List[st
             fan = _Fan(name, opts.json)
             early = bytearray()
             try:
-                sock, helper = connect(home)
+                sock, helper = connect(home, opts.connect_timeout)
                 fan.helper = helper
-                refused = request(sock, cluster, name, argv, opts, 24, 80, early)
+                refused = request(sock, cluster, name, argv, opts, 24, 80, early,
+                                  time.monotonic() + opts.connect_timeout)
+            except TimeoutError:
+                sock.close()
+                refused = (EXIT_UNREACHABLE, f"did not answer within {opts.connect_timeout:g}s (the connect timeout)")
             except OSError as e:
                 refused = (EXIT_UNREACHABLE, str(e))
             if refused is not None:

@@ -79,6 +79,7 @@ def parse_machine_table(name: str, t: Table) -> Optional[Machine]:
         addrs=t.strings("addrs", check=check_addr),
         allow_from=t.string("allow_from"),
         allow_shell=t.string("allow_shell"),
+        allow_files=t.string("allow_files"),
         username=t.string("username", check=check_username),
         relay=t.boolean("relay", False),
         commands=commands, tcp=tcp, http=http,
@@ -134,7 +135,7 @@ def _expressions(config: ClusterConfig):
         yield ("group", gname, "members"), members
     for m in config.machines.values():
         base = ("machine", m.name)
-        for key in ("allow_from", "allow_shell"):
+        for key in ("allow_from", "allow_shell", "allow_files"):
             if getattr(m, key) is not None:
                 yield base + (key,), getattr(m, key)
         for kind, entries in (("command", m.commands), ("tcp", m.tcp), ("http", m.http)):

@@ -39,6 +39,7 @@ def parse_machine_config(text: str, file: str = "machine.toml") -> MachineConfig
             addrs=t.strings("addrs", check=check_addr),
             exec=t.boolean("exec", False),
             shell=t.boolean("shell", False),
+            files=t.boolean("files", False),
             commands=t.strings("commands"),
             tcp=t.strings("tcp"),
             http=t.strings("http"),
@@ -94,7 +95,7 @@ def render_machine_config(config: MachineConfig) -> str:
             for key in ("addrs", "commands", "tcp", "http"):
                 if getattr(entry, key):
                     t[key] = list(getattr(entry, key))
-            for key in ("exec", "shell"):
+            for key in ("exec", "shell", "files"):
                 if getattr(entry, key):
                     t[key] = True
             directory[entry.name] = t
@@ -135,6 +136,7 @@ def personalize(config: ClusterConfig, machine_name: str, version: int = 0) -> M
         me,
         allow_from=expand(me.allow_from),
         allow_shell=expand(me.allow_shell),
+        allow_files=expand(me.allow_files),
         commands={k: attrs.evolve(c, allow_from=expand(c.allow_from)) for k, c in me.commands.items()},
         tcp={k: attrs.evolve(s, allow_from=expand(s.allow_from)) for k, s in me.tcp.items()},
         http={k: attrs.evolve(s, allow_from=expand(s.allow_from)) for k, s in me.http.items()},
@@ -160,10 +162,11 @@ def _reachable(acl, other: Machine, me: str):
         addrs=other.addrs,
         exec=acl.check("", other.allow_from, me).allowed,
         shell=acl.can_run(other, me, []).allowed,
+        files=acl.can_use_files(other, me).allowed,
         commands=tuple(c for c in other.commands if acl.can_run(other, me, [c]).allowed),
         tcp=tuple(s for s in other.tcp if acl.can_reach(other, "tcp", s, me).allowed),
         http=tuple(s for s in other.http if acl.can_reach(other, "http", s, me).allowed),
     )
-    if entry.exec or entry.shell or entry.commands or entry.tcp or entry.http:
+    if entry.exec or entry.shell or entry.files or entry.commands or entry.tcp or entry.http:
         return entry
     return None

@@ -64,6 +64,7 @@ class Machine:
     addrs: Tuple[str, ...] = ()
     allow_from: Optional[str] = None
     allow_shell: Optional[str] = None
+    allow_files: Optional[str] = None  # sftp, scp, rsync through the sftp subsystem; default: allow_shell
     username: Optional[str] = None
     relay: bool = False
     commands: Dict[str, Command] = attrs.field(factory=dict)
@@ -95,6 +96,7 @@ class DirectoryEntry:
     addrs: Tuple[str, ...] = ()
     exec: bool = False
     shell: bool = False
+    files: bool = False
     commands: Tuple[str, ...] = ()
     tcp: Tuple[str, ...] = ()
     http: Tuple[str, ...] = ()

@@ -89,7 +89,7 @@ class ControlProtocol(QuietAMP):
 
     @Exec.responder
     @inlineCallbacks
-    def exec(self, cluster, machine, argv, tty, term, rows, cols, timeout=None):
+    def exec(self, cluster, machine, argv, tty, term, rows, cols, timeout=None, line=None, subsystem=None):
         """Open a link of its own to the machine, ask it to run ``argv``, then splice
         this connection to that link: frames pass through untouched."""
         from malai.peer.commands import ExecFailed, NotAllowed, OpenExec
@@ -116,7 +116,7 @@ class ControlProtocol(QuietAMP):
         self._exec_link = link
         try:
             yield link.callRemote(OpenExec, _protoToSwitchToFactory=factory, argv=argv, tty=tty, term=term,
-                                  rows=rows, cols=cols, timeout=timeout)
+                                  rows=rows, cols=cols, timeout=timeout, line=line, subsystem=subsystem)
         except NotAllowed as e:
             link.transport.loseConnection()
             raise ExecDenied(str(e)) from None

@@ -137,6 +137,8 @@ EXEC_ARGUMENTS = [
     (b"rows", amp.Integer()),
     (b"cols", amp.Integer()),
     (b"timeout", amp.Float(optional=True)),
+    (b"line", amp.Unicode(optional=True)),  # instead of argv: ssh's command string (malai ssh)
+    (b"subsystem", amp.Unicode(optional=True)),  # instead of argv: ``sftp`` (malai ssh -s)
 ]
 
 

@@ -27,6 +27,7 @@ from malai.acl import Acl, Decision, Denied, run_as
 from malai.audit import AuditLog
 from malai.config.models import MachineConfig
 from malai.errors import MalaiError
+from malai.peer.shellwords import NeedsShell, Split, split_command
 
 __all__ = ["BadRequest", "ExecRequest", "ExecSession", "caller_name", "check_request", "prepare"]
 
@@ -40,14 +41,19 @@ class BadRequest(MalaiError):
     """Session parameters no client sends; the message is short enough for the caller."""
 
 
-def check_request(argv: List[str], term: str, rows: int, cols: int, timeout: Optional[float]) -> None:
+def check_request(argv: List[str], term: str, rows: int, cols: int, timeout: Optional[float],
+                  line: Optional[str] = None, subsystem: Optional[str] = None) -> None:
     """Refuse parameters that could not be honoured, before anything is decided or spawned."""
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         raise BadRequest("invalid request: timeout must be a positive number of seconds")
     if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
         raise BadRequest("invalid request: rows and cols must be 0 to 65535")
-    if any("\x00" in word for word in [*argv, term]):
+    if any("\x00" in word for word in [*argv, term, line or "", subsystem or ""]):
         raise BadRequest("invalid request: a NUL character in the command or TERM")
+    if sum(1 for asked in (argv, line is not None, subsystem is not None) if asked) > 1:
+        raise BadRequest("invalid request: give an argv, a command line or a subsystem, not two of them")
+    if subsystem is not None and subsystem not in SUBSYSTEMS:
+        raise BadRequest(f"invalid request: no subsystem {subsystem[:40]!r} here; there is {', '.join(SUBSYSTEMS)}")
 
 
 @attrs.frozen
@@ -72,19 +78,37 @@ class ExecRequest:
 
 
 def prepare(config: Optional[MachineConfig], cluster: str, caller: str, argv: List[str], tty: bool,
-            term: str, rows: int, cols: int, timeout: Optional[float]) -> ExecRequest:
+            term: str, rows: int, cols: int, timeout: Optional[float], line: Optional[str] = None,
+            subsystem: Optional[str] = None) -> ExecRequest:
     """Check, authorise and resolve a request; raise ``BadRequest``, ``Denied`` (with the explanation)
-    or MalaiError."""
-    check_request(argv, term, rows, cols, timeout)
+    or MalaiError.
+
+    ``argv`` runs as it is; ``line`` (ssh's command string) runs as the argv it splits into (see
+    malai.peer.shellwords) or, when it needs a shell, as ``$SHELL -c line`` where a login shell may
+    run; ``subsystem`` (``sftp``) runs the machine's sftp server where ``allow_files`` allows."""
+    check_request(argv, term, rows, cols, timeout, line, subsystem)
     if config is None:
         reason = "this machine has no config from its manager yet"
         raise Denied(Decision(False, "machine.toml", reason, reason))
     acl = Acl.for_machine(config)
     machine = config.machine
-    decision = acl.can_run(machine, caller, argv)
+    split: Optional[Split] = Split(list(argv))
+    needs_shell = ""
+    if line is not None:
+        try:
+            split = split_command(line)
+        except NeedsShell as e:
+            split, needs_shell = None, str(e)
+    if subsystem is not None:
+        decision = acl.can_use_files(machine, caller)
+    elif split is None:
+        decision = acl.can_run_in_shell(machine, caller, needs_shell)
+    else:
+        decision = acl.can_run(machine, caller, split.words)
     if not decision:
         raise Denied(decision)
-    user = run_as(machine, argv) or pwd.getpwuid(os.getuid()).pw_name
+    words = split.words if split is not None and subsystem is None else []
+    user = run_as(machine, words) or pwd.getpwuid(os.getuid()).pw_name
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
@@ -95,21 +119,41 @@ def prepare(config: Optional[MachineConfig], cluster: str, caller: str, argv: Li
             raise MalaiError(f"cannot run as {user!r}: the daemon runs as "
                              f"{pwd.getpwuid(os.getuid()).pw_name}, not root")
         uid, gid = pw.pw_uid, pw.pw_gid
-    entry = machine.commands.get(argv[0]) if argv else None
-    if entry is not None:
-        command = ["/bin/sh", "-c", entry.command, entry.name, *argv[1:]] if entry.shell \
-            else [*shlex.split(entry.command), *argv[1:]]
-    elif argv:
-        command = list(argv)
+    shell = pw.pw_shell or "/bin/sh"
+    if subsystem is not None:
+        asked, command = ["-s", subsystem], [_sftp_server()]
+    elif split is None:
+        assert line is not None  # only a command line can need a shell
+        asked, command = [line], [shell, "-c", line]
     else:
-        tty = True
-        command = [pw.pw_shell or "/bin/sh", "-l"]
+        asked = split.expanded(pw.pw_dir)
+        entry = machine.commands.get(asked[0]) if asked else None
+        if entry is not None:
+            command = ["/bin/sh", "-c", entry.command, entry.name, *asked[1:]] if entry.shell \
+                else [*shlex.split(entry.command), *asked[1:]]
+        else:
+            command = list(asked) or [shell, "-l"]
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": pw.pw_dir,
            "USER": user, "LOGNAME": user, "LANG": os.environ.get("LANG", "C.UTF-8"), "MALAI_CLIENT_ID52": caller}
     if tty:
         env["TERM"] = term or "xterm"
-    return ExecRequest(caller, caller_name(config, caller), cluster, list(argv), command, user, uid, gid, pw.pw_dir, env, tty, rows, cols,
-                       timeout, decision)
+    return ExecRequest(caller, caller_name(config, caller), cluster, asked, command, user, uid, gid, pw.pw_dir, env,
+                       tty, rows, cols, timeout, decision)
+
+
+#: Where sftp servers live: Debian and Ubuntu, Fedora and RHEL, SUSE, Arch, Alpine, the BSDs, Homebrew.
+SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/lib/ssh/sftp-server",
+                "/usr/libexec/ssh/sftp-server", "/usr/lib/misc/sftp-server", "/usr/libexec/sftp-server",
+                "/usr/local/libexec/sftp-server", "/opt/homebrew/libexec/sftp-server")
+SUBSYSTEMS = ("sftp",)
+
+
+def _sftp_server() -> str:
+    for path in SFTP_SERVERS:
+        if os.access(path, os.X_OK):
+            return path
+    raise MalaiError("this machine has no sftp server; install it (Debian: openssh-sftp-server, "
+                     "Fedora: openssh-server)")
 
 
 def caller_name(config: MachineConfig, caller: str) -> str:

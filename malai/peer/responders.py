@@ -92,24 +92,26 @@ class ClusterResponder(amp.CommandLocator):
                              "its log says why")
 
     @OpenExec.responder
-    def open_exec(self, argv, tty, term, rows, cols, timeout=None):
+    def open_exec(self, argv, tty, term, rows, cols, timeout=None, line=None, subsystem=None):
         cluster, caller = self.cluster, self.peer.peer
+        asked = [line] if line is not None else ["-s", subsystem] if subsystem is not None else argv  # for the audit
         try:
-            request = prepare(cluster.entry.machine, cluster.name, caller, argv, tty, term, rows, cols, timeout)
+            request = prepare(cluster.entry.machine, cluster.name, caller, argv, tty, term, rows, cols, timeout,
+                              line, subsystem)
         except BadRequest as e:
-            cluster.audit.record(cluster=cluster.name, caller=caller, argv=argv, decision="invalid", rule=str(e))
+            cluster.audit.record(cluster=cluster.name, caller=caller, argv=asked, decision="invalid", rule=str(e))
             self.log.warn("{cluster}: {caller} sent an invalid exec request ({why}): tty={tty} rows={rows} "
                           "cols={cols} timeout={timeout}", cluster=cluster.name, caller=caller, why=e, tty=tty,
                           rows=rows, cols=cols, timeout=timeout)
             raise ExecFailed(str(e)) from None
         except Denied as e:
-            cluster.audit.record(cluster=cluster.name, caller=caller, argv=argv, decision="denied",
+            cluster.audit.record(cluster=cluster.name, caller=caller, argv=asked, decision="denied",
                                  rule=str(e.decision))
             self.log.warn("{cluster}: {caller} denied {argv}: {why}", cluster=cluster.name, caller=caller,
-                          argv=argv, why=e.decision)
+                          argv=asked, why=e.decision)
             raise NotAllowed(e.for_caller()) from None
         except MalaiError as e:
-            cluster.audit.record(cluster=cluster.name, caller=caller, argv=argv, decision="failed", rule=str(e))
+            cluster.audit.record(cluster=cluster.name, caller=caller, argv=asked, decision="failed", rule=str(e))
             raise ExecFailed(str(e)) from None
         return ExecSession(cluster.daemon.reactor, request, cluster.audit)
 

@@ -263,7 +263,7 @@ class ClusterService(MultiService):
 
 
 def _expressions(machine) -> List[str]:
-    out = [x for x in (machine.allow_from, machine.allow_shell) if x]
+    out = [x for x in (machine.allow_from, machine.allow_shell, machine.allow_files) if x]
     for entries in (machine.commands, machine.tcp, machine.http):
         out.extend(entry.allow_from for entry in entries.values() if entry.allow_from)
     return out

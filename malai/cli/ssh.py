@@ -1,0 +1,285 @@
+"""``malai ssh`` (and ``malai-ssh``): ssh's command line, so rsync, git, scp, sftp and habit work unchanged.
+
+Options are parsed as ssh parses them (getopt, again after the host); what only tunes ssh's own
+transport is accepted and ignored, what malai cannot honour is refused with what to use instead.
+As in ssh, the words after the host are joined into one command string; the machine runs it as
+the argv it splits into, or through the login shell where ``allow_shell`` lets the caller
+(malai.peer.shellwords). Stdlib only: this drives malai.cli.remote. The table of options is in
+docs/ssh.md.
+"""
+
+import getpass
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from malai.cli import remote
+
+__all__ = ["main", "run"]
+
+EXIT_SSH = 255  # ssh's status for its own errors
+FLAGS = frozenset("1246afgknqstvxACGKMNPTVXYy")
+WITH_VALUE = frozenset("bceilmopBDEFIJLOQRSwW")
+REFUSED = {
+    "L": "-L port forwarding: use `malai forward` (docs/tcp.md)",
+    "R": "-R remote port forwarding: expose the service in the machine's config (docs/tcp.md)",
+    "D": "-D dynamic forwarding: not offered by malai ssh",
+    "W": "-W stdio forwarding: use `malai forward` (docs/tcp.md)",
+    "w": "-w tunnel devices: not offered by malai",
+    "N": "-N (no command, for port forwarding): use `malai forward` (docs/tcp.md)",
+    "f": "-f (background after connecting): put malai in the background with your shell (&)",
+    "Q": "-Q: malai has no ssh ciphers or algorithms to list",
+}
+REFUSED_KEYS = {"localforward": "L", "remoteforward": "R", "dynamicforward": "D", "tunnel": "w"}
+TTY_MODES = {"no": "no", "yes": "yes", "force": "force", "auto": "auto"}
+
+USAGE = """usage: malai ssh [-46AaCfGgKkMNnqsTtVvXxYy] [-B iface] [-b addr] [-c ciphers] [-E log] [-e char]
+                 [-F config] [-I lib] [-i key] [-J jump] [-L ..] [-l user] [-m macs] [-O ctl] [-o option]
+                 [-p port] [-Q q] [-R ..] [-S ctl] [-W ..] [-w ..] [--connect-timeout S] [--timeout S]
+                 [user@]<machine>.<cluster> [command …]
+ssh's command line for malai (docs/ssh.md): the command words are joined into one string; the
+machine runs it as plain words, or through the login shell where allow_shell lets you."""
+
+
+class SshCall:
+    """What an ssh command line asks for."""
+
+    def __init__(self) -> None:
+        self.opts = remote.Options()
+        self.host: Optional[str] = None
+        self.user: Optional[str] = None
+        self.port: Optional[str] = None
+        self.words: List[str] = []
+        self.subsystem = False
+        self.tty = 0  # how many -t
+        self.no_tty = False
+        self.print_config = False  # -G
+        self.control: Optional[str] = None  # -O
+        self.remote_command: Optional[str] = None  # -o RemoteCommand
+        self.verbose = 0
+        self.ignored: List[str] = []
+
+
+def parse(argv: List[str]) -> SshCall:
+    """Parse as ssh does; SystemExit with a message for what cannot be honoured."""
+    call = SshCall()
+    rest = _options(call, list(argv), before_host=True)
+    if not rest:
+        raise SystemExit(USAGE)
+    terminated = rest[0] == "--"
+    if terminated:
+        rest = rest[1:]
+    if not rest:
+        raise SystemExit(USAGE)
+    _host(call, rest[0])
+    rest = rest[1:]
+    if rest and not terminated:
+        rest = _options(call, rest, before_host=False)
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+    call.words = rest
+    return call
+
+
+def _options(call: SshCall, args: List[str], before_host: bool) -> List[str]:
+    """Consume options like ssh's getopt (no reordering); return what is left."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            break
+        if arg.startswith("--"):  # malai's own, before the host
+            word, _, value = arg.partition("=")
+            if word == "--help":
+                print(USAGE)
+                raise SystemExit(0)
+            if not value and before_host and i + 1 < len(args):
+                i, value = i + 1, args[i + 1]
+            i += 1
+            if word == "--timeout" and before_host:
+                call.opts.timeout = remote.seconds(word, value)
+            elif word == "--connect-timeout" and before_host:
+                call.opts.connect_timeout = remote.seconds(word, value)
+            else:
+                raise SystemExit(f"malai ssh: unknown option {word}\n{USAGE}")
+            continue
+        j = 1
+        while j < len(arg):
+            letter = arg[j]
+            if letter in WITH_VALUE:
+                value = arg[j + 1:]
+                if not value:
+                    i += 1
+                    if i >= len(args):
+                        raise SystemExit(f"malai ssh: option -{letter} needs a value\n{USAGE}")
+                    value = args[i]
+                _option(call, letter, value)
+                break
+            if letter not in FLAGS:
+                raise SystemExit(f"malai ssh: unknown option -{letter}\n{USAGE}")
+            _option(call, letter, None)
+            j += 1
+        i += 1
+    return args[i:]
+
+
+def _option(call: SshCall, letter: str, value: Optional[str]) -> None:
+    if letter in REFUSED:
+        raise SystemExit(f"malai ssh: {REFUSED[letter]}")
+    if letter == "t":
+        call.tty += 1
+    elif letter == "T":
+        call.no_tty = True
+    elif letter == "s":
+        call.subsystem = True
+    elif letter == "n":
+        call.opts.stdin = False
+    elif letter == "q":
+        call.opts.quiet = True
+    elif letter == "v":
+        call.verbose += 1
+    elif letter == "G":
+        call.print_config = True
+    elif letter == "V":
+        print(f"malai ssh (malai {_version()}): ssh's command line over malai, not OpenSSH", file=sys.stderr)
+        raise SystemExit(0)
+    elif letter == "l":
+        call.user = value
+    elif letter == "p":
+        call.port = value
+    elif letter == "O":
+        call.control = value
+    elif letter == "o":
+        assert value is not None
+        _config_option(call, value)
+    else:
+        call.ignored.append(f"-{letter}" + (f" {value}" if value is not None else ""))
+
+
+def _config_option(call: SshCall, text: str) -> None:
+    """``-o Key=value`` (or ``Key value``, ``Key = value``): the ones that matter to malai."""
+    text = text.strip()
+    cut = min((i for i in (text.find("="), text.find(" "), text.find("\t")) if i >= 0), default=len(text))
+    key, value = text[:cut].lower(), text[cut:].strip(" \t=").strip()
+    if key in REFUSED_KEYS:
+        raise SystemExit(f"malai ssh: -o {text[:cut]}: {REFUSED[REFUSED_KEYS[key]]}")
+    if key == "connecttimeout":
+        if value.lower() not in ("0", "none"):  # ssh's "no timeout": keep malai's bound
+            call.opts.connect_timeout = _time(value)
+    elif key == "requesttty":
+        mode = TTY_MODES.get(value.lower())
+        if mode is None:
+            raise SystemExit(f"malai ssh: -o RequestTTY={value}: give yes, no, force or auto")
+        call.tty, call.no_tty = {"yes": 1, "force": 2}.get(mode, 0), mode == "no"
+    elif key == "remotecommand":
+        call.remote_command = None if value.lower() == "none" else value
+    elif key == "sessiontype":
+        if value.lower() == "none":
+            raise SystemExit(f"malai ssh: {REFUSED['N']}")
+        call.subsystem = value.lower() == "subsystem"
+    elif key == "stdinnull":
+        call.opts.stdin = value.lower() not in ("yes", "true")
+    elif key == "forkafterauthentication" and value.lower() in ("yes", "true"):
+        raise SystemExit(f"malai ssh: {REFUSED['f']}")
+    elif key == "loglevel":
+        call.opts.quiet = value.upper() == "QUIET"
+        call.verbose = max(call.verbose, 1) if value.upper().startswith("DEBUG") else call.verbose
+    elif key == "user":
+        call.user = value
+    elif key == "port":
+        call.port = value
+    else:
+        call.ignored.append(f"-o {text}")
+
+
+def _time(value: str) -> float:
+    """ssh's time format: seconds, or with s, m, h suffixes (``1m30s``)."""
+    total, number = 0.0, ""
+    for c in value.lower():
+        if c.isdigit() or c == ".":
+            number += c
+        elif c in "smh" and number:
+            total += float(number) * {"s": 1, "m": 60, "h": 3600}[c]
+            number = ""
+        else:
+            raise SystemExit(f"malai ssh: ConnectTimeout={value}: give seconds")
+    total += float(number) if number else 0
+    if total <= 0:
+        raise SystemExit(f"malai ssh: ConnectTimeout={value}: give seconds")
+    return total
+
+
+def _host(call: SshCall, word: str) -> None:
+    """``[user@]host`` or ``ssh://[user@]host[:port]``."""
+    if word.startswith("ssh://"):
+        word = word[len("ssh://"):].rstrip("/")
+        if ":" in word.rpartition("@")[2]:
+            word, _, port = word.rpartition(":")
+            call.port = call.port or port
+    user, at, host = word.rpartition("@")
+    if at:
+        if not user:
+            raise SystemExit(f"malai ssh: {word!r}: nothing before the @\n{USAGE}")
+        call.user = call.user or user  # as ssh: -l wins over user@
+    call.host = host
+
+
+def _version() -> str:
+    import malai
+
+    return malai.__version__
+
+
+def main(argv: List[str], home: Path) -> int:
+    try:
+        call = parse(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return EXIT_SSH
+        return e.code or 0
+    assert call.host is not None
+    if call.print_config:  # git runs `ssh -G host` to learn whether this is an OpenSSH-like ssh
+        print(f"host {call.host}\nhostname {call.host}\nuser {call.user or getpass.getuser()}\n"
+              f"port {call.port or 22}\nconnecttimeout {call.opts.connect_timeout:g}")
+        return 0
+    if call.control is not None:
+        if call.control in ("exit", "stop"):
+            return 0
+        print(f"malai ssh: -O {call.control}: malai has no control master (its daemon keeps the links)",
+              file=sys.stderr)
+        return EXIT_SSH
+    target = remote.read_aliases(home).get(call.host, call.host)
+    if " " in target.strip():
+        print(f"malai ssh: alias {call.host!r} runs a command; malai ssh takes <machine>.<cluster> "
+              "or an alias that names one", file=sys.stderr)
+        return EXIT_SSH
+    machine, _, cluster = target.strip().rpartition(".")
+    if not machine or not cluster:
+        print(f"malai ssh: {call.host!r}: give <machine>.<cluster> or an alias from malai.toml", file=sys.stderr)
+        return EXIT_SSH
+    opts = call.opts
+    line = " ".join(call.words) if call.words else call.remote_command
+    if call.subsystem:
+        if not line:
+            print("malai ssh: -s needs a subsystem name (sftp)", file=sys.stderr)
+            return EXIT_SSH
+        opts.subsystem = line
+    elif line:
+        opts.line = line
+    opts.tty_mode = "no" if call.no_tty else ("force" if call.tty > 1 else "yes" if call.tty else "auto")
+    if call.verbose:
+        asked = (f"subsystem {opts.subsystem}" if opts.subsystem else f"command {opts.line!r}" if opts.line
+                 else "a login shell")
+        notes = [f"user {call.user} ignored (the machine's config says who runs)"] if call.user else []
+        notes += [f"port {call.port} ignored"] if call.port else []
+        notes += [f"{', '.join(call.ignored)} ignored"] if call.ignored else []
+        print(f"malai ssh: {machine}.{cluster}: {asked}" + "".join(f"; {n}" for n in notes), file=sys.stderr)
+    return remote.run_one(home, opts, cluster, machine, [])
+
+
+def run() -> None:
+    """The ``malai-ssh`` executable, for tools that take a program name without arguments."""
+    from malai.paths import default_home
+
+    sys.exit(main(sys.argv[1:], default_home()))
