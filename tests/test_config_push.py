@@ -58,7 +58,7 @@ class ClusterFixture:
         path = home.root / "clusters" / "company" / "machine.toml"
         return parse_machine_config(path.read_text()).version if path.exists() else 0
 
-    def wait_converged(self, *homes, timeout=15.0):
+    def wait_converged(self, *homes, timeout=30.0):
         """Wait until the manager counts these machines in sync and their files hold that version."""
         homes = homes or (self.web01, self.web02)
         names = {self.web01: "web01", self.web02: "web02"}
@@ -68,7 +68,14 @@ class ClusterFixture:
             return state.get("sync") == "in sync" and self.machine_version(home) == state.get("version")
 
         for home in homes:
-            wait_for(lambda h=home: converged(h), timeout, f"{names[home]} in sync")
+            try:
+                wait_for(lambda h=home: converged(h), timeout)
+            except AssertionError:
+                logs = "\n".join(f"--- {who} log:\n" + "\n".join(log_tail(h, 20)) for who, h in
+                                  (("manager", self.cm), (names[home], home)))
+                raise AssertionError(f"{names[home]} not in sync after {timeout:g}s: manager says "
+                                     f"{self.sync().get(names[home])}, its file holds version "
+                                     f"{self.machine_version(home)}\n{logs}") from None
         return self.cm_version()
 
     def sync(self) -> dict:
@@ -277,3 +284,8 @@ class EditingTests(TestCase):
         self.assertIn("# ERROR:", calls[1])
         self.assertIn("bogus: unknown key", calls[1])
         self.assertIn("[group.edited]", self.c.config.read_text())
+
+
+def log_tail(home: DaemonHome, lines: int) -> list:
+    path = home.root / "log" / "malai.log"
+    return path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(no log)"]
