@@ -23,12 +23,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from malai.acl import Denied
+from malai.acl import Acl, Denied
 from malai.cli import ssh
+from malai.config.cluster import parse_cluster, render_cluster
+from malai.config.machine import parse_machine_config, personalize, render_machine_config
 from malai.config.models import ClusterManager, Command, Machine, MachineConfig
 from malai.peer.execution import BadRequest, prepare
 from malai.peer.shellwords import NeedsShell, split_command
-from tests.helpers import KEYS, LoopbackCluster, run_malai, wait_for
+from tests.helpers import KEYS, LoopbackCluster, cluster_text, run_malai, wait_for
 
 MALAI = str(Path(sys.executable).with_name("malai"))
 MALAI_SSH = str(Path(sys.executable).with_name("malai-ssh"))
@@ -177,6 +179,31 @@ class PrepareTests(SynchronousTestCase):
                    {"subsystem": "sftp", "line": "id"}):
             with self.assertRaises(BadRequest, msg=kw):
                 self.prepare(config, **kw)
+
+
+class AllowFilesTests(SynchronousTestCase):
+    """``[machine.X] allow_files``: parsed, rendered, expanded for the machine, listed in callers' directories."""
+
+    def setUp(self):
+        alice = KEYS["alice"].id52
+        text = cluster_text().replace(f'allow_shell = "{alice}"\n', f'allow_shell = "{alice}"\nallow_files = "web01"\n')
+        self.config = parse_cluster(text)
+
+    def test_round_trips(self):
+        self.assertEqual(self.config.machines["db01"].allow_files, "web01")
+        self.assertEqual(parse_cluster(render_cluster(self.config)), self.config)
+        db01 = personalize(self.config, "db01")
+        self.assertEqual(db01.machine.allow_files, KEYS["web01"].id52)
+        self.assertEqual(parse_machine_config(render_machine_config(db01)), db01)
+
+    def test_decisions_and_directory(self):
+        acl, db01 = Acl.for_cluster(self.config), self.config.machines["db01"]
+        self.assertTrue(acl.can_use_files(db01, KEYS["web01"].id52))
+        self.assertFalse(acl.can_use_files(db01, KEYS["alice"].id52))  # a shell, but not files: allow_files is set
+        entry = personalize(self.config, "web01").directory["db01"]  # files only: still in web01's directory
+        self.assertEqual((entry.files, entry.exec, entry.shell), (True, False, False))
+        web01 = self.config.machines["web01"]  # no allow_files, no allow_shell: allow_from decides
+        self.assertIn("allow_files and allow_shell default to it", str(acl.can_use_files(web01, KEYS["alice"].id52)))
 
 
 def tree(root: Path) -> dict:
