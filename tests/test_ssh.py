@@ -390,6 +390,20 @@ class SshEndToEndTests(TestCase):
         self.assertIn("denied by machine.web02.allow_shell (allow_files defaults to it)", r.stderr)
         self.assertFalse((out / "denied").exists())
 
+    def test_malai_cp(self):
+        src = self.sample_tree()
+        self.tool(MALAI, "cp", "-r", str(src), f"web01.company:{self.dir}/cp")
+        followed = {**tree(src), "link": tree(src)["dir with spaces/a file"]}  # scp follows links
+        self.assertEqual(tree(self.dir / "cp"), followed)
+        back = Path(self.mktemp())
+        self.tool(MALAI, "cp", "-r", "-q", f"web01.company:{self.dir}/cp", str(back))
+        self.assertEqual(tree(back), followed)
+        r = self.run_("cp", str(src / "big"), f"web02.company:{self.dir}/cp-denied")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("malai: permission denied: denied by machine.web02.allow_shell (allow_files defaults to it)",
+                      r.stderr)
+        self.assertEqual(self.run_("cp", "only-one").returncode, 2)
+
     # -- never hang -------------------------------------------------------------------------------
     def test_pipe_into_a_login_shell_ends_at_eof(self):
         me = pwd.getpwuid(os.getuid())

@@ -52,10 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from malai.paths import default_home
 
         home = Path(remote[0]) if remote[0] else default_home()
-        if remote[1][0] == "ssh":
+        if remote[1][0] in ("ssh", "cp"):
             from malai.cli import ssh
 
-            return ssh.main(remote[1][1:], home)
+            return (ssh.main if remote[1][0] == "ssh" else ssh.copy)(remote[1][1:], home)
         return remote_cli.main(remote[1], home)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""``malai ssh`` (and ``malai-ssh``): ssh's command line, so rsync, git, scp, sftp and habit work unchanged.
+"""``malai ssh`` (and ``malai-ssh``): ssh's command line, so rsync, git, scp, sftp and habit work unchanged;
+``malai cp``: scp over it.
 
 Options are parsed as ssh parses them (getopt, again after the host); what only tunes ssh's own
 transport is accepted and ignored, what malai cannot honour is refused with what to use instead.
@@ -9,13 +10,14 @@ docs/ssh.md.
 """
 
 import getpass
+import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from malai.cli import remote
 
-__all__ = ["main", "run"]
+__all__ = ["copy", "main", "run"]
 
 EXIT_SSH = 255  # ssh's status for its own errors
 FLAGS = frozenset("1246afgknqstvxACGKMNPTVXYy")
@@ -276,6 +278,45 @@ def main(argv: List[str], home: Path) -> int:
         notes += [f"{', '.join(call.ignored)} ignored"] if call.ignored else []
         print(f"malai ssh: {machine}.{cluster}: {asked}" + "".join(f"; {n}" for n in notes), file=sys.stderr)
     return remote.run_one(home, opts, cluster, machine, [])
+
+
+CP_USAGE = """usage: malai cp [-r] [-p] [-q] SRC… DEST
+Copy files to and from machines: an operand <machine>.<cluster>:path is on that machine (relative to the
+home of the user who runs there). scp in SFTP mode over `malai ssh -s sftp`: allow_files governs it; a
+progress bar on a terminal (-q: none); -r copies folders, -p keeps times and modes."""
+
+
+def copy(argv: List[str], home: Path) -> int:
+    """``malai cp``: scp over malai-ssh (the machine's sftp server, under ``allow_files``)."""
+    import os
+    import shutil
+
+    flags = []
+    while argv and argv[0].startswith("-") and argv[0] != "--":
+        if argv[0] in ("-h", "--help"):
+            print(CP_USAGE)
+            return 0
+        if argv[0] not in ("-r", "-p", "-q"):
+            print(f"malai cp: unknown option {argv[0]}\n{CP_USAGE}", file=sys.stderr)
+            return remote.EXIT_USAGE
+        flags.append(argv.pop(0))
+    operands = argv[1:] if argv[:1] == ["--"] else argv
+    if len(operands) < 2:
+        print(CP_USAGE, file=sys.stderr)
+        return remote.EXIT_USAGE
+    scp = shutil.which("scp")
+    helper = Path(sys.argv[0]).with_name("malai-ssh")
+    if not os.access(helper, os.X_OK):
+        helper = Path(shutil.which("malai-ssh") or helper)
+    if scp is None or not os.access(helper, os.X_OK):
+        missing = "scp (Debian: openssh-client)" if scp is None else "the malai-ssh program next to malai"
+        print(f"malai cp: {missing} is not installed; it carries the copy", file=sys.stderr)
+        return remote.EXIT_USAGE
+    env = dict(os.environ, MALAI_HOME=str(home))
+    try:
+        return subprocess.call([scp, "-S", str(helper), *flags, "--", *operands], env=env)
+    except KeyboardInterrupt:  # scp had it too
+        return 130
 
 
 def run() -> None:
