@@ -316,6 +316,13 @@ class SshEndToEndTests(TestCase):
             self.assertNotIn("TOP-SECRET", r.stdout)
             self.assertIn("permission denied: denied by machine.web02.", r.stderr)
 
+    def test_refusals_name_machines_not_id52s(self):
+        from malai.cli.remote import named
+
+        ids, home = self.cluster.ids, self.homes["laptop"].root
+        self.assertEqual(named(home, "company", f"cannot reach {ids['web03']}: tried relay:{self.cluster.cm_id52}"),
+                         "cannot reach web03: tried relay:manager")
+
     def test_dash_G_as_git_expects(self):
         r = self.run_("ssh", "-G", "-o", "SendEnv=GIT_PROTOCOL", "-p", "2222", "git@web01.company")
         self.assertEqual(r.returncode, 0)
@@ -341,6 +348,26 @@ class SshEndToEndTests(TestCase):
         self.tool("rsync", "-a", *rsh, "--rsync-path=nice rsync", f"web01.company:{self.dir}/push to/dir with spaces",
                   f"{pulled}/")
         self.assertEqual(tree(pulled / "dir with spaces"), tree(src / "dir with spaces"))
+
+    def test_rsync_interrupted_then_resumed(self):
+        src = Path(self.mktemp())
+        src.mkdir()
+        data = os.urandom(4_000_000)
+        (src / "big").write_bytes(data)
+        dest = self.dir / "resume"
+        argv = ["rsync", "-a", "--partial", "--stats", "-e", f"{MALAI} ssh", str(src / "big"), f"web01.company:{dest}/"]
+        slow = subprocess.Popen([*argv[:1], "--bwlimit=500", *argv[1:]], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=self.env)
+        wait_for(lambda: (dest / "big").exists() or any(dest.glob(".big.*")), what="the transfer to start")
+        time.sleep(1)
+        slow.terminate()
+        slow.wait(30)
+        wait_for(lambda: (dest / "big").exists() and 0 < (dest / "big").stat().st_size < len(data),
+                 what="the partial file kept by the machine's rsync")
+        r = self.tool(*argv)
+        literal = int(r.stdout.split("Literal data: ")[1].split()[0].replace(",", ""))
+        self.assertLess(literal, len(data))  # the kept part was not sent again
+        self.assertEqual(hashlib.sha256((dest / "big").read_bytes()).digest(), hashlib.sha256(data).digest())
 
     def test_git_clone_and_push(self):
         bare = self.dir / "repo.git"
