@@ -31,6 +31,7 @@ from malai.config.models import ClusterManager, Command, Machine, MachineConfig
 from malai.peer.execution import BadRequest, prepare
 from malai.peer.shellwords import NeedsShell, split_command
 from tests.helpers import KEYS, LoopbackCluster, cluster_text, run_malai, wait_for
+from tests.test_exec_hardening import processes_with
 
 MALAI = str(Path(sys.executable).with_name("malai"))
 MALAI_SSH = str(Path(sys.executable).with_name("malai-ssh"))
@@ -218,19 +219,6 @@ def tree(root: Path) -> dict:
         else:
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
-
-
-def processes_with(word: str):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if word.encode() in f.read().replace(b"\0", b" "):
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 class SshEndToEndTests(TestCase):
