@@ -33,7 +33,6 @@ REFUSED = {
     "Q": "-Q: malai has no ssh ciphers or algorithms to list",
 }
 REFUSED_KEYS = {"localforward": "L", "remoteforward": "R", "dynamicforward": "D", "tunnel": "w"}
-TTY_MODES = {"no": "no", "yes": "yes", "force": "force", "auto": "auto"}
 
 USAGE = """usage: malai ssh [-46AaCfGgKkMNnqsTtVvXxYy] [-B iface] [-b addr] [-c ciphers] [-E log] [-e char]
                  [-F config] [-I lib] [-i key] [-J jump] [-L ..] [-l user] [-m macs] [-O ctl] [-o option]
@@ -169,8 +168,8 @@ def _config_option(call: SshCall, text: str) -> None:
         if value.lower() not in ("0", "none"):  # ssh's "no timeout": keep malai's bound
             call.opts.connect_timeout = _time(value)
     elif key == "requesttty":
-        mode = TTY_MODES.get(value.lower())
-        if mode is None:
+        mode = value.lower()
+        if mode not in ("yes", "no", "force", "auto"):
             raise SystemExit(f"malai ssh: -o RequestTTY={value}: give yes, no, force or auto")
         call.tty, call.no_tty = {"yes": 1, "force": 2}.get(mode, 0), mode == "no"
     elif key == "remotecommand":
