@@ -123,12 +123,13 @@ class Home:
 
     def scan(self, only: Optional[str] = None) -> List[ClusterEntry]:
         """Every cluster (or just ``only``), each with its problems."""
-        aliases = self.aliases()
-        if only is not None:
-            if only not in aliases:
-                raise MalaiError(f"no cluster {only!r} in {self.clusters}; clusters here: {', '.join(aliases) or 'none'}")
-            aliases = [only]
-        return [scan_cluster(alias, self.cluster_dir(alias)) for alias in aliases]
+        if only is None:
+            return [scan_cluster(alias, self.cluster_dir(alias)) for alias in self.aliases()]
+        # one folder looked at, not all listed: a push to one of many clusters rescans just that one
+        if not only or only[0] == "." or "/" in only or "\0" in only or not self.cluster_dir(only).is_dir():
+            raise MalaiError(f"no cluster {only!r} in {self.clusters}; clusters here: "
+                             f"{', '.join(self.aliases()) or 'none'}")
+        return [scan_cluster(only, self.cluster_dir(only))]
 
 
 def scan_cluster(alias: str, path: Path) -> ClusterEntry:

@@ -1,6 +1,6 @@
 """``cluster.toml``: parse, validate (ACL references included) and render."""
 
-from typing import Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import attrs
 import tomlkit
@@ -11,7 +11,7 @@ from malai.identity import ID52Error, parse_id52
 
 __all__ = [
     "parse_cluster", "parse_machine_table", "parse_manager_table",
-    "render_cluster", "render_machine_into", "render_manager", "check_id52",
+    "render_cluster", "render_machine_into", "render_manager", "check_id52", "model_fields",
 ]
 
 
@@ -148,16 +148,21 @@ _NESTED = ("commands", "tcp", "http")
 _TABLE_NAMES = {"commands": "command", "tcp": "tcp", "http": "http"}
 
 
-def _fields_table(model) -> "tomlkit.items.Table":
-    """A table of a model's fields: required ones always, others when not their default."""
-    t = tomlkit.table()
+def model_fields(model) -> Iterator[Tuple[str, Any]]:
+    """A model's fields as a table holds them: required ones always, others when not their default."""
     for field in attrs.fields(type(model)):
         if field.name == "name" or field.name in _NESTED:
             continue
         value = getattr(model, field.name)
         required = field.default is attrs.NOTHING
         if value is not None and (required or value != field.default):
-            t[field.name] = list(value) if isinstance(value, tuple) else value
+            yield field.name, list(value) if isinstance(value, tuple) else value
+
+
+def _fields_table(model) -> "tomlkit.items.Table":
+    t = tomlkit.table()
+    for key, value in model_fields(model):
+        t[key] = value
     return t
 
 

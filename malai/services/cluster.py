@@ -1,6 +1,6 @@
 """``ClusterService``: one cluster this device belongs to, as manager or machine."""
 
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from twisted.application.service import MultiService
 from twisted.logger import Logger
@@ -34,6 +34,7 @@ class ClusterService(MultiService):
         self.setName(entry.alias)
         self.entry = entry
         self.daemon = daemon
+        self._derived: Dict[str, Any] = {}  # what peers(), members() and name_of() derive from the entry
         self.publisher: Optional[ConfigPublisher] = None
         self.agent: Optional[MachineAgent] = None
         if daemon is None:
@@ -66,6 +67,7 @@ class ClusterService(MultiService):
     def reconfigure(self, entry: ClusterEntry) -> None:
         """Take a new valid config for the same identity, in place."""
         self.entry = entry
+        self._derived = {}
         self.log.info("{cluster} reloaded", cluster=self.name)
         if self.publisher is not None and self.publisher.running:
             self.publisher.publish()
@@ -100,8 +102,17 @@ class ClusterService(MultiService):
             raise RelayRefused(f"this device does not relay for {self.name} (relay = true is not set for it)")
         return self.daemon.relayer
 
+    def _derive(self, key: str, make):
+        """``make()``, once per config: a Hello or a status must not walk the whole cluster."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
     def members(self) -> FrozenSet[str]:
         """Every member's ID52, as far as this device knows them (all of them on the manager and relays)."""
+        return self._derive("members", self._members)
+
+    def _members(self) -> FrozenSet[str]:
         e = self.entry
         if e.cluster is not None:
             return frozenset(m.id52 for m in e.cluster.machines.values())
@@ -144,6 +155,9 @@ class ClusterService(MultiService):
     # -- who this cluster talks to -------------------------------------------
     def peers(self) -> FrozenSet[str]:
         """Every ID52 this cluster accepts links from."""
+        return self._derive("peers", self._peers)
+
+    def _peers(self) -> FrozenSet[str]:
         e = self.entry
         if e.role == MANAGER and e.cluster is not None:
             acl = Acl.for_cluster(e.cluster)
@@ -214,8 +228,8 @@ class ClusterService(MultiService):
         if id52 == self.manager_id52():
             return "manager"
         if e.cluster is not None:
-            machine = e.cluster.machine_by_id52(id52)
-            return machine.name if machine is not None else id52
+            names = self._derive("names", lambda: {m.id52: m.name for m in e.cluster.machines.values()})
+            return names.get(id52, id52)
         if e.machine is not None:
             for name, d in e.machine.directory.items():
                 if d.id52 == id52:
