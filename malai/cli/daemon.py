@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
@@ -15,6 +16,7 @@ from malai.lock import DaemonLock
 from malai.logs import DEFAULT_FILES, DEFAULT_SIZE
 
 RUNNING, NOT_RUNNING, STALE, NOT_ANSWERING = "RUNNING", "NOT RUNNING", "STALE", "NOT ANSWERING"
+LISTED = 10  # links and machines a status lists before it summarizes
 EXIT_NOT_RUNNING = 3
 EXIT_CODES = {RUNNING: 0, NOT_ANSWERING: 1}  # else EXIT_NOT_RUNNING
 
@@ -166,12 +168,12 @@ def _print_status(state: dict) -> None:
         machines = f", {c['machines']} machines" if c["role"] == "manager" else ""
         print(f"  {c['cluster']:<16} {c['role']:<8} {c['id52']}{machines}, config version "
               f"{c['config_version']}, {c['links']} links{waiting}")
-        for link in c.get("peer_links", []):
+        links = c.get("peer_links", [])
+        for link in links[:LISTED]:
             print(f"    link to {link['peer']}: {link['path']}")
-        for m in c["sync"]:
-            seen = f"last seen {_duration(time.time() - m['last_seen'])} ago" if m["last_seen"] else "never seen"
-            error = f": {m['error']}" if m["error"] and m["sync"] != "in sync" else ""
-            print(f"    {m['machine']:<16} version {m['version']:<4} {m['sync']}{error}, {seen}")
+        if len(links) > LISTED:
+            print(f"    … and {len(links) - LISTED} more links (`malai status --json` lists them all)")
+        _print_sync(c["sync"])
     for f in state.get("forwards", []):
         print(f"  tcp.{f['name']:<12} {f['local']} → {f['remote']}, {f['active']} open, {f['total']} since start")
     if state.get("tor", "off") != "off":
@@ -180,6 +182,26 @@ def _print_status(state: dict) -> None:
         print(f"  relayed {state['relay_total']} streams ({state['relay_active']} open), {state['relay_bytes']} bytes")
     if state.get("http"):
         print(f"  http front on {state['http']}: {', '.join(state['http_urls']) or 'no services to reach'}")
+
+
+def _print_sync(sync: list) -> None:
+    """A manager's machines: how many are in sync, pending, failing; every machine of a small
+    cluster, else the laggards (failing first, then those unseen longest)."""
+    if not sync:
+        return
+    counts = Counter(m["sync"] for m in sync)
+    print(f"    machines: {counts['in sync']} in sync, {counts['pending']} pending, {counts['error']} failing")
+    shown = sync
+    if len(sync) > LISTED:
+        laggards = sorted((m for m in sync if m["sync"] != "in sync"),
+                          key=lambda m: (m["sync"] != "error", m["last_seen"], m["machine"]))
+        shown = laggards[:LISTED]
+    for m in shown:
+        seen = f"last seen {_duration(time.time() - m['last_seen'])} ago" if m["last_seen"] else "never seen"
+        error = f": {m['error']}" if m["error"] and m["sync"] != "in sync" else ""
+        print(f"    {m['machine']:<16} version {m['version']:<4} {m['sync']}{error}, {seen}")
+    if len(sync) > LISTED and len(laggards) > LISTED:
+        print(f"    … and {len(laggards) - LISTED} more not in sync (`malai status --json` lists every machine)")
 
 
 def _duration(seconds: float) -> str:

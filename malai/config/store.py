@@ -101,7 +101,8 @@ class ClusterStore:
                              "(the next version starts again from history)") from None
 
     def save_state(self, state: Dict[str, Any]) -> None:
-        write_atomic(self.state_file, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
+        """Write ``state.json`` atomically, compact: indenting a manager's 10,000 machines took 5x as long."""
+        write_atomic(self.state_file, (json.dumps(state, sort_keys=True) + "\n").encode(), mode=0o600)
 
     # -- versions ---------------------------------------------------------------
     def current(self) -> Revision:

@@ -59,6 +59,8 @@ class ConfigPublisher(Service):
         self._pumping = False
         self._save_call: Optional[IDelayedCall] = None
         self._saved_at = float("-inf")
+        self._store_part: dict = {}  # state.json but "machines", as last read
+        self._written: Optional[tuple] = None  # state.json's (mtime, size) after our last write
         self.setName("publisher")
 
     def startService(self) -> None:
@@ -242,13 +244,14 @@ class ConfigPublisher(Service):
 
     def _save(self) -> None:
         self._saved_at = self.reactor.seconds()
-        try:
-            state = self.store.load_state()  # the store's part (version, hash) as it is now
-        except MalaiError as e:
-            self.log.error("{cluster}: state.json not written: {error}", cluster=self.cluster.name, error=e)
-            return
-        state["machines"] = self.machines
-        self.store.save_state(state)
+        if _stat(self.store.state_file) != self._written:  # the store wrote its part (version, hash) since
+            try:
+                self._store_part = {k: v for k, v in self.store.load_state().items() if k != "machines"}
+            except MalaiError as e:
+                self.log.error("{cluster}: state.json not written: {error}", cluster=self.cluster.name, error=e)
+                return
+        self.store.save_state({**self._store_part, "machines": self.machines})
+        self._written = _stat(self.store.state_file)
 
     def sync_state(self) -> list:
         """Per machine: version, in sync / pending / error, last seen."""
@@ -270,3 +273,11 @@ class ConfigPublisher(Service):
             except MalaiError:
                 return 0
         return self.published
+
+
+def _stat(path) -> Optional[tuple]:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
