@@ -209,8 +209,12 @@ class RescanTests(TestCase):
         import json
 
         self.assertIn("answer from", self.web.ok("ping", "manager.alpha"))
-        state = json.loads((self.cm.root / "clusters" / "alpha" / "state.json").read_text())
-        self.assertEqual(state["machines"]["web01"]["addrs"], [f"tcp:{self.web.peer_addr()}"])
+
+        def learnt():  # state.json is written at most once a second
+            state = json.loads((self.cm.root / "clusters" / "alpha" / "state.json").read_text())
+            return state["machines"]["web01"].get("addrs")
+
+        wait_for(lambda: learnt() == [f"tcp:{self.web.peer_addr()}"], 5, "the address in state.json")
 
     def test_ping_errors(self):
         r = self.web.malai("ping", "nobody.alpha")
