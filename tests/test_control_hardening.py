@@ -171,8 +171,8 @@ class _Root:
                 for m in self.names]
         links = [{"peer": "p" * 52, "path": "tcp:127.0.0.1:7420"} for _ in self.names]
         cluster = {"cluster": "company", "role": "manager", "id52": "c" * 52, "machines": len(self.names),
-                   "waiting_for_config": False, "config_version": 1, "links": len(links), "peer_links": links,
-                   "sync": sync}
+                   "waiting_for_config": False, "config_version": 1, "publishing": False, "in_sync": 0,
+                   "pending": 0, "failing": len(sync), "links": len(links), "peer_links": links, "sync": sync}
         return {"pid": os.getpid(), "version": "0", "uptime": 1.0, "listen": ["tcp:127.0.0.1:7420"],
                 "clusters": [cluster], "forwards": [], "http_urls": [], "relay_active": 0, "relay_total": 0,
                 "relay_bytes": 0, "tor": "off", "onions": []}

@@ -4,20 +4,24 @@
 import re
 import time
 from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import LoopingCall, deferLater
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.task import Clock, LoopingCall, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from malai.atomic import write_atomic
-from malai.config import parse_machine_config
+from malai.config import parse_cluster, parse_machine_config
 from malai.config.cluster_info import render_cluster_info
 from malai.config.models import ClusterInfo
+from malai.config.store import ClusterStore
 from malai.control.client import call
 from malai.control.commands import Rescan, Status
 from malai.identity import Identity
-from tests.helpers import DaemonHome, free_port
+from malai.services import publisher as publishing
+from tests.helpers import KEYS, DaemonHome, free_port
 
 MACHINES, DAEMONS = 1000, 2
 APPLIED = re.compile(r"\] (m\d+): config version (\d+) from the manager")
@@ -112,3 +116,80 @@ class ThousandMachinesTests(TestCase):
         for name, versions in applied.items():
             self.assertEqual(versions, sorted(set(versions)), name)
             self.assertEqual((versions[0], versions[-1]), (first, last), name)
+
+
+class FakeLink:
+    """Answers each PushConfig when the test says so."""
+
+    def __init__(self, pushes: list):
+        self.pushes = pushes
+
+    def callRemote(self, command, **kwargs):
+        d = Deferred()
+        self.pushes.append((kwargs, d))
+        return d
+
+
+class PublisherTests(SynchronousTestCase):
+    """The publisher on a fake clock and fake links: made a slice at a time, at most IN_FLIGHT pushes
+    waiting, retries spread out, state.json written at most once a second."""
+
+    def setUp(self):
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        KEYS["cm"].save(folder / "cluster.private-key")
+        self.text = (f'[cluster_manager]\nid52 = "{KEYS["cm"].id52}"\ncluster_name = "company"\n' + "".join(
+            f'\n[machine.m{i}]\nid52 = "{Identity.generate().id52}"\nallow_from = "m0"\n' for i in range(300)))
+        (folder / "cluster.toml").write_text(self.text)
+        self.clock, self.pushes, self.failing = Clock(), [], False
+        pool = SimpleNamespace(get=lambda identity, peer: (
+            fail(ConnectionError("unreachable")) if self.failing else succeed(FakeLink(self.pushes))))
+        self.cluster = SimpleNamespace(name="company", identity=KEYS["cm"],
+                                       entry=SimpleNamespace(cluster=parse_cluster(self.text)))
+        self.store = ClusterStore(folder)
+        self.saves = []
+        save = self.store.save_state
+        self.store.save_state = lambda state: (self.saves.append(self.clock.seconds()), save(state))
+        self.publisher = publishing.ConfigPublisher(self.clock, self.cluster, pool, self.store)
+
+    def run_reactor(self, seconds: float = 0.0, step: float = 0.01):
+        for _ in range(int(seconds / step) + 1):
+            self.clock.advance(step)
+
+    def test_pushes_in_flight_are_bounded_and_each_answer_sends_the_next(self):
+        self.publisher.startService()
+        self.saves.clear()  # the store's, accepting cluster.toml
+        self.assertEqual(self.pushes, [])  # nothing made inside the rescan that started it
+        self.assertTrue(self.publisher.publishing())
+        self.run_reactor(1)
+        self.assertFalse(self.publisher.publishing())
+        self.assertEqual(len(self.pushes), publishing.IN_FLIGHT)
+        answered = 0
+        while answered < len(self.pushes):
+            kwargs, d = self.pushes[answered]
+            d.callback({"sha256": kwargs["sha256"]})
+            answered += 1
+            self.assertLessEqual(len(self.pushes) - answered, publishing.IN_FLIGHT)
+            self.run_reactor(0.01)
+        self.assertEqual(answered, 300)
+        self.assertEqual({m["sync"] for m in self.publisher.sync_state()}, {"in sync"})
+        self.run_reactor(2)
+        gaps = [b - a for a, b in zip(self.saves, self.saves[1:], strict=False)]
+        self.assertGreater(len(self.saves), 0)
+        self.assertGreaterEqual(min(gaps, default=1.0), 0.99)  # 300 acks, at most one write a second
+        self.assertEqual(self.store.load_state()["machines"]["m7"]["version"], self.store.current().version)
+
+    def test_retries_back_off_with_jitter(self):
+        self.failing = True
+        self.publisher.startService()
+        self.run_reactor(0.1)  # made and pushed; every push failed
+        delays = sorted(call.getTime() for call in self.publisher.retry.values())
+        self.assertEqual(len(delays), 300)
+        self.assertTrue(0.5 <= delays[0] and delays[-1] <= 1.6, delays)  # 1 s, jittered ×0.5–1.5
+        self.assertGreater(delays[-1] - delays[0], 0.5)  # spread out, not all at once
+        self.run_reactor(1.5)  # each retried once or twice: the next wait doubled
+        self.assertIn(4.0, set(self.publisher.backoff.values()))
+        self.assertLessEqual(set(self.publisher.backoff.values()), {4.0, 8.0})
+        saves = len(self.saves)
+        self.run_reactor(10)  # failing again as before changes nothing to write
+        self.assertEqual(len(self.saves), saves)

@@ -5,18 +5,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
 from malai.cli.common import home_of, print_json, run_twisted
+from malai.control.commands import SUMMARY_LISTS
 from malai.errors import MalaiError
 from malai.home import Home
 from malai.lock import DaemonLock
 from malai.logs import DEFAULT_FILES, DEFAULT_SIZE
 
 RUNNING, NOT_RUNNING, STALE, NOT_ANSWERING = "RUNNING", "NOT RUNNING", "STALE", "NOT ANSWERING"
-LISTED = 10  # links and machines a status lists before it summarizes
 EXIT_NOT_RUNNING = 3
 EXIT_CODES = {RUNNING: 0, NOT_ANSWERING: 1}  # else EXIT_NOT_RUNNING
 
@@ -125,9 +124,10 @@ def _answers(path: Path) -> bool:
         s.close()
 
 
-async def daemon_state(reactor, home: Home) -> dict:
+async def daemon_state(reactor, home: Home, summary: bool = True) -> dict:
     """RUNNING (with the daemon's status); NOT RUNNING or STALE (a socket left by a dead daemon)
-    when the lock is free; NOT ANSWERING when a live daemon holds the lock but its socket failed."""
+    when the lock is free; NOT ANSWERING when a live daemon holds the lock but its socket failed.
+    ``summary``: of a manager's machines and links only the first ten (the counts say how many)."""
     from malai.control.client import call
     from malai.control.commands import Status
 
@@ -138,7 +138,7 @@ async def daemon_state(reactor, home: Home) -> dict:
                                              "`malai daemon` replaces it (or remove it)"}
         return {"state": NOT_RUNNING}
     try:
-        status = await call(reactor, home.socket, Status)
+        status = await call(reactor, home.socket, Status, summary=summary)
     except Exception as e:  # a MalaiError says why; anything else is an answer we could not read
         reason = e if isinstance(e, MalaiError) else f"an unreadable answer ({type(e).__name__})"
         return {"state": NOT_ANSWERING, "pid": pid,
@@ -147,7 +147,7 @@ async def daemon_state(reactor, home: Home) -> dict:
 
 
 def run_status(args) -> int:
-    state = run_twisted(daemon_state, home_of(args))
+    state = run_twisted(daemon_state, home_of(args), not args.json)
     if args.json:
         print_json(state)
     else:
@@ -168,12 +168,11 @@ def _print_status(state: dict) -> None:
         machines = f", {c['machines']} machines" if c["role"] == "manager" else ""
         print(f"  {c['cluster']:<16} {c['role']:<8} {c['id52']}{machines}, config version "
               f"{c['config_version']}, {c['links']} links{waiting}")
-        links = c.get("peer_links", [])
-        for link in links[:LISTED]:
+        for link in c["peer_links"]:  # a summary: the first ten
             print(f"    link to {link['peer']}: {link['path']}")
-        if len(links) > LISTED:
-            print(f"    … and {len(links) - LISTED} more links (`malai status --json` lists them all)")
-        _print_sync(c["sync"])
+        if c["links"] > len(c["peer_links"]):
+            print(f"    … and {c['links'] - len(c['peer_links'])} more links (`malai status --json` lists them all)")
+        _print_sync(c)
     for f in state.get("forwards", []):
         print(f"  tcp.{f['name']:<12} {f['local']} → {f['remote']}, {f['active']} open, {f['total']} since start")
     if state.get("tor", "off") != "off":
@@ -184,24 +183,21 @@ def _print_status(state: dict) -> None:
         print(f"  http front on {state['http']}: {', '.join(state['http_urls']) or 'no services to reach'}")
 
 
-def _print_sync(sync: list) -> None:
+def _print_sync(cluster: dict) -> None:
     """A manager's machines: how many are in sync, pending, failing; every machine of a small
-    cluster, else the laggards (failing first, then those unseen longest)."""
-    if not sync:
+    cluster, else the ten furthest behind (failing first, then those unseen longest)."""
+    if cluster["role"] != "manager" or not cluster["machines"]:
         return
-    counts = Counter(m["sync"] for m in sync)
-    print(f"    machines: {counts['in sync']} in sync, {counts['pending']} pending, {counts['error']} failing")
-    shown = sync
-    if len(sync) > LISTED:
-        laggards = sorted((m for m in sync if m["sync"] != "in sync"),
-                          key=lambda m: (m["sync"] != "error", m["last_seen"], m["machine"]))
-        shown = laggards[:LISTED]
-    for m in shown:
+    behind = cluster["pending"] + cluster["failing"]
+    publishing = ", making the new configs" if cluster["publishing"] else ""
+    print(f"    machines: {cluster['in_sync']} in sync, {cluster['pending']} pending, {cluster['failing']} failing"
+          f"{publishing}")
+    for m in cluster["sync"]:  # a summary: every machine of a small cluster, else the laggards
         seen = f"last seen {_duration(time.time() - m['last_seen'])} ago" if m["last_seen"] else "never seen"
         error = f": {m['error']}" if m["error"] and m["sync"] != "in sync" else ""
         print(f"    {m['machine']:<16} version {m['version']:<4} {m['sync']}{error}, {seen}")
-    if len(sync) > LISTED and len(laggards) > LISTED:
-        print(f"    … and {len(laggards) - LISTED} more not in sync (`malai status --json` lists every machine)")
+    if cluster["machines"] > SUMMARY_LISTS and behind > SUMMARY_LISTS:
+        print(f"    … and {behind - SUMMARY_LISTS} more not in sync (`malai status --json` lists every machine)")
 
 
 def _duration(seconds: float) -> str:

@@ -1,7 +1,7 @@
 """``machine.toml``: a machine's personalized config; ``personalize`` makes it."""
 
 import re
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import attrs
 import tomlkit
@@ -203,14 +203,24 @@ class Personalizer:
             self._callers[exprs] = {self.names[i]: i for i in sorted(seen) if i in self.names}
         return self._callers[exprs]
 
+    def walk(self) -> Iterator[None]:
+        """Build every machine's directory, one step per machine whose callers it adds (a
+        cooperative caller yields between steps)."""
+        if self._directories is not None:
+            return
+        directories: Dict[str, Dict[str, DirectoryEntry]] = {n: {} for n in self.config.machines}
+        for other in self.config.machines.values():
+            for caller, entry in self._reachable(other).items():
+                if caller != other.name:
+                    directories[caller][other.name] = entry
+            yield None
+        self._directories = directories
+
     def directory(self, name: str) -> Dict[str, DirectoryEntry]:
         """What ``name`` may reach on the other machines, in cluster.toml's order."""
         if self._directories is None:
-            self._directories = {n: {} for n in self.config.machines}
-            for other in self.config.machines.values():
-                for caller, entry in self._reachable(other).items():
-                    if caller != other.name:
-                        self._directories[caller][other.name] = entry
+            for _ in self.walk():
+                pass
         return self._directories[name]
 
     def _reachable(self, other: Machine) -> Dict[str, DirectoryEntry]:

@@ -4,7 +4,7 @@ from twisted.protocols import amp
 
 from malai.peer.commands import EXEC_ARGUMENTS, Chunked
 
-__all__ = ["ControlFailed", "Exec", "ExecDenied", "Machines", "Ping", "Rescan", "Status", "Stop", "UnknownTarget",
+__all__ = ["SUMMARY_LISTS", "ControlFailed", "Exec", "ExecDenied", "Machines", "Ping", "Rescan", "Status", "Stop", "UnknownTarget",
            "Unreachable"]
 
 
@@ -24,8 +24,12 @@ class Unreachable(Exception):
     """No link to the machine (exit 255)."""
 
 
+#: With ``summary``, Status lists at most this many of a manager's machines (the laggards) and links.
+SUMMARY_LISTS = 10
+
+
 class Status(amp.Command):
-    arguments: list = []
+    arguments = [(b"summary", amp.Boolean(optional=True))]
     response = [
         (b"pid", amp.Integer()),
         (b"version", amp.Unicode()),
@@ -38,6 +42,10 @@ class Status(amp.Command):
             (b"machines", amp.Integer()),
             (b"waiting_for_config", amp.Boolean()),
             (b"config_version", amp.Integer()),
+            (b"publishing", amp.Boolean()),  # the manager is still making the configs of its last rescan
+            (b"in_sync", amp.Integer()),
+            (b"pending", amp.Integer()),
+            (b"failing", amp.Integer()),
             (b"links", amp.Integer()),
             (b"peer_links", Chunked(amp.AmpList([(b"peer", amp.Unicode()), (b"path", amp.Unicode())]))),
             (b"sync", Chunked(amp.AmpList([

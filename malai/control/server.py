@@ -8,6 +8,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from malai.control.commands import (
+    SUMMARY_LISTS,
     ControlFailed,
     Exec,
     ExecDenied,
@@ -23,6 +24,7 @@ from malai.errors import MalaiError
 from malai.peer.links import dial_ready
 from malai.peer.ping import ping
 from malai.peer.protocol import PeerAMPFactory, QuietAMP
+from malai.services.publisher import laggards
 
 __all__ = ["ControlFactory", "ControlProtocol"]
 
@@ -45,8 +47,13 @@ class ControlProtocol(QuietAMP):
             self._exec_link.transport.loseConnection()
 
     @Status.responder
-    def status(self) -> dict:
-        return self.root.status()
+    def status(self, summary: bool = False) -> dict:
+        status = self.root.status()
+        if summary:
+            for cluster in status["clusters"]:
+                cluster["sync"] = laggards(cluster["sync"], SUMMARY_LISTS)
+                cluster["peer_links"] = cluster["peer_links"][:SUMMARY_LISTS]
+        return status
 
     @Rescan.responder
     def rescan(self, check: bool, cluster=None) -> dict:

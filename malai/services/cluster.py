@@ -1,5 +1,6 @@
 """``ClusterService``: one cluster this device belongs to, as manager or machine."""
 
+from collections import Counter
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from twisted.application.service import MultiService
@@ -270,10 +271,14 @@ class ClusterService(MultiService):
     def summary(self) -> dict:
         e = self.entry
         machines = len(e.cluster.machines) if e.cluster is not None else 0
+        sync = self.publisher.sync_state() if self.publisher is not None else []
+        counts = Counter(m["sync"] for m in sync)
         return {"cluster": self.name, "role": self.role, "id52": self.identity.id52, "machines": machines,
                 "waiting_for_config": e.role != MANAGER and e.machine is None,
                 "config_version": self.config_version(),
-                "sync": self.publisher.sync_state() if self.publisher is not None else []}
+                "publishing": self.publisher is not None and self.publisher.publishing(),
+                "in_sync": counts["in sync"], "pending": counts["pending"], "failing": counts["error"],
+                "sync": sync}
 
 
 def _expressions(machine) -> List[str]:

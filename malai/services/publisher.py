@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import attrs
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.task import Cooperator, TaskDone, TaskStopped
+from twisted.internet.task import Cooperator, TaskStopped
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -27,7 +27,7 @@ from malai.config.store import ClusterStore, sha256_hex
 from malai.errors import MalaiError
 from malai.peer.commands import PushConfig
 
-__all__ = ["ConfigPublisher"]
+__all__ = ["ConfigPublisher", "laggards"]
 
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0
 IN_FLIGHT = 64  # pushes waiting for their answer at once
@@ -99,12 +99,13 @@ class ConfigPublisher(Service):
             self._cancel_retry(name)
         self.by_id52 = {m.id52: name for name, m in config.machines.items()}
         self._stop_making()
-        self._making = self.cooperator.cooperate(self._make(config, rev.version))
-        self._making.whenDone().addErrback(self._make_failed)
+        self._making = making = self.cooperator.cooperate(self._make(config, rev.version))
+        making.whenDone().addBoth(self._made, making)
 
     def _make(self, config, version: int):
         """One step per machine: its part, then (if it changed) its envelope, queued."""
         personalizer, rendered = Personalizer(config), {}  # parts machines share are rendered once
+        yield from personalizer.walk()
         for name, machine in config.machines.items():
             yield None
             st = self.machines.setdefault(name, {"name": name})
@@ -129,14 +130,13 @@ class ConfigPublisher(Service):
 
     def _stop_making(self) -> None:
         if self._making is not None:
-            try:
-                self._making.stop()
-            except TaskDone:  # finished already
-                pass
+            self._making.stop()
 
-    def _make_failed(self, failure: Failure) -> None:
-        if not failure.check(TaskStopped):
-            self.log.failure("{cluster}: publishing failed", failure, cluster=self.cluster.name)
+    def _made(self, result, making) -> None:
+        if self._making is making:
+            self._making = None
+        if isinstance(result, Failure) and not result.check(TaskStopped):
+            self.log.failure("{cluster}: publishing failed", result, cluster=self.cluster.name)
 
     def peer_connected(self, id52: str, hints) -> None:
         """A machine opened a link: note it and where it listens, and deliver now what waits for it."""
@@ -229,12 +229,14 @@ class ConfigPublisher(Service):
         st = self.machines.get(name) if self.machines is not None else None
         if st is None:
             return
+        before = dict(st)
         for key, value in changes.items():
             if value is None:
                 st.pop(key, None)
             else:
                 st[key] = value
-        self._changed()
+        if st != before:  # a retry failing as the last one did writes nothing
+            self._changed()
 
     def _changed(self) -> None:
         """Write state.json soon: at once after a quiet spell, else ``SAVE_EVERY`` after the last write."""
@@ -265,6 +267,11 @@ class ConfigPublisher(Service):
                         "last_seen": st.get("last_seen", 0.0), "error": st.get("last_error") or ""})
         return out
 
+    def publishing(self) -> bool:
+        """Whether the configs of the last rescan are still being made (machines not reached
+        yet still count as in sync)."""
+        return self._making is not None
+
     def version(self) -> int:
         """The version last published (before any: the one state.json names)."""
         if self.published is None:
@@ -281,3 +288,12 @@ def _stat(path) -> Optional[tuple]:
     except FileNotFoundError:
         return None
     return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def laggards(sync: list, most: int) -> list:
+    """A small cluster's machines all; of a bigger one the ``most`` furthest behind: failing
+    first, then pending, each those unseen longest first."""
+    if len(sync) <= most:
+        return sync
+    behind = [m for m in sync if m["sync"] != "in sync"]
+    return sorted(behind, key=lambda m: (m["sync"] != "error", m["last_seen"], m["machine"]))[:most]
