@@ -31,7 +31,8 @@ __all__ = ["ConfigPublisher", "laggards"]
 
 RETRY_FIRST, RETRY_MAX = 1.0, 60.0
 IN_FLIGHT = 64  # pushes waiting for their answer at once
-SAVE_EVERY = 1.0  # seconds between two writes of state.json
+SAVE_EVERY = 1.0  # seconds between two writes of state.json, at least
+SAVE_SHARE = 0.05  # of the reactor's time writing state.json may take at most
 
 
 class ConfigPublisher(Service):
@@ -59,6 +60,7 @@ class ConfigPublisher(Service):
         self._pumping = False
         self._save_call: Optional[IDelayedCall] = None
         self._saved_at = float("-inf")
+        self._save_every = SAVE_EVERY  # longer when a write takes long (10,000 machines: 4 MB)
         self._store_part: dict = {}  # state.json but "machines", as last read
         self._written: Optional[tuple] = None  # state.json's (mtime, size) after our last write
         self.setName("publisher")
@@ -239,13 +241,19 @@ class ConfigPublisher(Service):
             self._changed()
 
     def _changed(self) -> None:
-        """Write state.json soon: at once after a quiet spell, else ``SAVE_EVERY`` after the last write."""
+        """Write state.json soon: at once after a quiet spell, else a while after the last write
+        (``SAVE_EVERY``, or longer so that writing takes at most ``SAVE_SHARE`` of the time)."""
         if self._save_call is None or not self._save_call.active():
-            delay = max(0.0, self._saved_at + SAVE_EVERY - self.reactor.seconds())
+            delay = max(0.0, self._saved_at + self._save_every - self.reactor.seconds())
             self._save_call = self.reactor.callLater(delay, self._save)
 
     def _save(self) -> None:
         self._saved_at = self.reactor.seconds()
+        started = time.monotonic()
+        self._write()
+        self._save_every = max(SAVE_EVERY, (time.monotonic() - started) / SAVE_SHARE)
+
+    def _write(self) -> None:
         if _stat(self.store.state_file) != self._written:  # the store wrote its part (version, hash) since
             try:
                 self._store_part = {k: v for k, v in self.store.load_state().items() if k != "machines"}

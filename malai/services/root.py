@@ -207,8 +207,9 @@ class MalaiService(MultiService):
 
     def links_of(self, svc: ClusterService) -> List[dict]:
         """The open request/response links of a cluster's identity, with the path each took."""
+        me = svc.identity.id52  # encoded once, not once per link
         return [{"peer": svc.name_of(link.peer.peer), "path": link.peer.hint or "inbound"}
-                for link in self.pool.links() if link.peer.local == svc.identity.id52]
+                for link in self.pool.links() if link.peer.local == me]
 
     # -- rescan -----------------------------------------------------------------
     def rescan(self, only: Optional[str] = None, check: bool = False) -> List[Report]:
