@@ -97,7 +97,9 @@ async def _wait_in_sync(reactor, home, cluster, timeout: float, as_json: bool) -
     deadline = reactor.seconds() + timeout
     bar = sys.stderr.isatty() and not as_json
     while True:
+        asked = reactor.seconds()
         status = await call(reactor, home.socket, Status, summary=True)
+        interval = max(0.5, 4 * (reactor.seconds() - asked))  # a big manager is asked less often
         managed = [c for c in status["clusters"] if c["role"] == "manager" and cluster in (None, c["cluster"])]
         total, acked = sum(c["machines"] for c in managed), sum(c["in_sync"] for c in managed)
         done = not any(c["publishing"] or c["pending"] or c["failing"] for c in managed)
@@ -108,7 +110,7 @@ async def _wait_in_sync(reactor, home, cluster, timeout: float, as_json: bool) -
                   + (f", {failing} failing" if failing else ""), end="", file=sys.stderr, flush=True)
         if done or reactor.seconds() >= deadline:
             break
-        await deferLater(reactor, 0.5, lambda: None)
+        await deferLater(reactor, interval, lambda: None)
     if bar:
         print(file=sys.stderr)
     keys = ("cluster", "config_version", "machines", "in_sync", "pending", "failing")
