@@ -300,6 +300,17 @@ class _Child:
         pass
 
 
+def _wait_until_stopped(pid, bound=10.0):
+    """Wait until the kernel shows process pid stopped (state T in /proc)."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within {bound} s")
+
+
 class _Reactor(MemoryReactorClock):
     def __init__(self):
         super().__init__()
@@ -349,6 +360,7 @@ class SessionTimerTests(SynchronousTestCase):
     def test_stubborn_group_is_killed_after_the_grace(self):
         reactor, session, transport, child = self.session()
         os.killpg(child.pid, signal.SIGSTOP)  # SIGHUP stays pending: only SIGKILL ends it
+        _wait_until_stopped(child.pid)  # else SIGHUP, the lower number, may be taken first
         session.connectionLost(None)
         child.pid = None  # as Twisted does once the leader is reaped, while the group may hold its pipes
         reactor.advance(KILL_GRACE)
