@@ -10,12 +10,11 @@ import struct
 from typing import Iterator, Tuple
 
 __all__ = [
-    "DATA", "EOF", "ERROR", "EXIT", "FrameParser", "SIGNAL", "STDERR", "STDIN", "STDOUT", "WINSIZE",
+    "EOF", "ERROR", "EXIT", "FrameParser", "SIGNAL", "STDERR", "STDIN", "STDOUT", "WINSIZE",
     "encode", "exit_frame", "winsize_frame",
 ]
 
 STDIN, EOF, STDOUT, STDERR, SIGNAL, WINSIZE, EXIT, ERROR = b"i", b"I", b"o", b"e", b"s", b"w", b"x", b"E"
-DATA = b"d"  # a relayed byte stream (malai.peer.relay): DATA frames, then EOF or ERROR
 _HEADER = struct.Struct(">cI")
 MAX_FRAME = 1 << 20
 

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 
 from malai.control.server import ControlProtocol
 from malai.home import Home
 from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.tls import PeerTLS
-from malai.peer.links import LinkPool, SpareLinks
+from malai.peer.links import LinkPool
+from malai.peer.mux import MuxLinkFactory
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from malai.peer.relaying import relay_endpoint
 from malai.services.cluster import ClusterService
@@ -25,16 +26,17 @@ class DirectContext:
     """What the daemon offers its commands (clusters, dialer, a link pool), for a
     command that runs without one: the clusters' own identities, dialing directly."""
 
-    def __init__(self, home: Home, reactor, only: Optional[str] = None, spares: int = 0):
+    def __init__(self, home: Home, reactor, only: Optional[str] = None):
         self.reactor = reactor
         self.hello = HelloInfo()
         self.tls = PeerTLS()
         self.book = AddressBook()
         self.dialer = Dialer(reactor, self.tls, self.book)
-        self.dialer.kinds["relay"] = relay_endpoint(self.dialer, lambda: self.hello)
-        self.pool = LinkPool(self.dialer, PeerAMPFactory(self.hello, dialer=True))
-        self.streams = SpareLinks(self.dialer, PeerAMPFactory(self.hello, dialer=True, idle_timeout=60,
-                                                              clock=reactor), spares)
+        # streams go one way: this process answers none the machine opens
+        self.pool = LinkPool(self.dialer, MuxLinkFactory(True, control=PeerAMPFactory(self.hello, dialer=True).buildProtocol,
+                                                         clock=reactor))
+        self.dialer.kinds["relay"] = relay_endpoint(
+            lambda local, relay: self.pool.get(local, relay, self.dialer.direct_hints(relay)))
         self.clusters = {}
         self.problems = {}
         for entry in home.scan(only):
@@ -56,7 +58,7 @@ class DirectContext:
         return self.clusters[alias]
 
     def close(self) -> Deferred:
-        return DeferredList([self.pool.close(), self.streams.close()])
+        return self.pool.close()
 
 
 class OneShot(ControlProtocol):

@@ -248,7 +248,7 @@ async def _forward(reactor, home, args) -> int:
     from malai.tap import raise_fd_limit
 
     raise_fd_limit()
-    context = DirectContext(home, reactor, spares=2)
+    context = DirectContext(home, reactor)
     remote = args.remote.split(".")
     context.cluster(remote[2]).target(remote[1])  # an unknown cluster or machine fails here, not per connection
     forwarder = TcpForwarder(context, TcpForward("forward", args.local, args.remote))

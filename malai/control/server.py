@@ -3,7 +3,7 @@
 import resource
 from typing import Optional
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -21,9 +21,12 @@ from malai.control.commands import (
     Unreachable,
 )
 from malai.errors import MalaiError
+from malai.peer import exec_header
 from malai.peer.links import dial_ready
 from malai.peer.ping import ping
-from malai.peer.protocol import PeerAMPFactory, QuietAMP
+from malai.peer.protocol import QuietAMP
+from malai.peer.splice import splice_pair
+from malai.peer.streams import StreamRefused
 from malai.services.publisher import laggards
 
 __all__ = ["ControlFactory", "ControlProtocol"]
@@ -37,14 +40,14 @@ class ControlProtocol(QuietAMP):
         self.root = root
         self.listener = listener if listener is not None else ControlFactory(root)  # counts the sessions
         self._session = False  # this connection counts as one of the listener's sessions
-        self._exec_link = None  # the link an Exec in flight asked to run a command
+        self._exec_opening = None  # the exec stream being opened for this caller
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         if self._session:
             self.listener.sessions -= 1
-        if self._exec_link is not None:  # the caller left: the machine kills what it started
-            self._exec_link.transport.loseConnection()
+        if self._exec_opening is not None:  # the caller left: the stream is reset, the machine kills what it started
+            self._exec_opening.cancel()
 
     @Status.responder
     def status(self, summary: bool = False) -> dict:
@@ -78,12 +81,11 @@ class ControlProtocol(QuietAMP):
             svc = self.root.cluster(cluster)
             peer_id52 = svc.target(peer)
             if addrs:  # this path, on a link of its own: the pooled one may have come another way
-                link = yield dial_ready(self.root.dialer, svc.identity, peer_id52,
-                                        PeerAMPFactory(self.root.hello, dialer=True), addrs)
+                link = yield dial_ready(self.root.dialer, svc.identity, peer_id52, self.root.pool.factory, addrs)
                 try:
                     result = yield ping(link)
                 finally:
-                    link.transport.loseConnection()
+                    link.close("ping done")
             else:
                 link = yield self.root.pool.get(svc.identity, peer_id52)
                 result = yield ping(link)
@@ -97,45 +99,38 @@ class ControlProtocol(QuietAMP):
     @Exec.responder
     @inlineCallbacks
     def exec(self, cluster, machine, argv, tty, term, rows, cols, timeout=None, line=None, subsystem=None):
-        """Open a link of its own to the machine, ask it to run ``argv``, then splice
-        this connection to that link: frames pass through untouched."""
-        from malai.peer.commands import ExecFailed, NotAllowed, OpenExec
-        from malai.peer.splice import splice_pair
-
+        """Open an exec stream on the link to the machine, then splice this connection to
+        it: exec frames pass through untouched."""
         try:
             svc = self.root.cluster(cluster)
             peer = svc.target(machine)
         except MalaiError as e:
             raise UnknownTarget(str(e)) from None
+        try:
+            headers = exec_header.encode(argv, tty, term, rows, cols, timeout, line, subsystem)
+        except ValueError as e:
+            raise ControlFailed(str(e)) from None
         if self.listener.sessions >= self.listener.max_sessions:
             raise ControlFailed(f"this daemon runs {self.listener.max_sessions} sessions at once, as many as its "
                                 "open-files limit allows; try again later (or raise the limit: LimitNOFILE=)")
         self.listener.sessions += 1
         self._session = True
+        ours, theirs, _ = splice_pair()
+        self._exec_opening = self.root.pool.open(svc.identity, peer, "exec", machine, theirs, headers)
         try:
-            link = yield self.root.streams.take(svc.identity, peer)
+            yield self._exec_opening
+        except StreamRefused as e:
+            if e.code == "NOT_ALLOWED":
+                raise ExecDenied(str(e)) from None
+            if e.code in ("BAD_REQUEST", "EXEC_FAILED"):
+                raise ControlFailed(str(e)) from None
+            raise Unreachable(f"{machine}.{cluster}: {_text(e)}") from None
+        except CancelledError:
+            return None  # the caller left
         except Exception as e:
             raise Unreachable(f"cannot reach {machine}.{cluster}: {_text(e)}") from None
-        if self.transport is None:  # the caller left while the link was dialed
-            link.transport.loseConnection()
-            return None
-        ours, theirs, factory = splice_pair()
-        self._exec_link = link
-        try:
-            yield link.callRemote(OpenExec, _protoToSwitchToFactory=factory, argv=argv, tty=tty, term=term,
-                                  rows=rows, cols=cols, timeout=timeout, line=line, subsystem=subsystem)
-        except NotAllowed as e:
-            link.transport.loseConnection()
-            raise ExecDenied(str(e)) from None
-        except ExecFailed as e:
-            link.transport.loseConnection()
-            raise ControlFailed(str(e)) from None
-        except Exception as e:
-            raise Unreachable(f"{machine}.{cluster} dropped the link: {_text(e)}") from None
         finally:
-            self._exec_link = None
-        if self.transport is None:  # the caller left while the machine started the command
-            link.transport.loseConnection()
+            self._exec_opening = None
         return ours
 
     @Machines.responder
@@ -151,8 +146,8 @@ def _text(error: Exception) -> str:
 
 
 def session_limit() -> int:
-    """Exec sessions at once: each holds two descriptors here (the caller's connection and
-    its link); a quarter of the open-files limit stays for everything else."""
+    """Exec sessions at once: each holds the caller's connection here (its stream shares the
+    machine's link); the rest of the open-files limit stays for everything else."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(16, soft * 3 // 8) if soft != resource.RLIM_INFINITY else 1 << 20
 

@@ -24,7 +24,7 @@ from malai.identity import Identity, encode_id52
 
 __all__ = ["ALPN", "PeerTLS", "make_certificate", "peer_id52_of", "presented_id52"]
 
-ALPN = b"malai/1"
+ALPN = b"malai/2"
 _VERIFY = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
 
 

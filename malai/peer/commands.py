@@ -1,19 +1,20 @@
 """Every AMP command spoken between peers (signatures only; behaviour lives in responders).
 
 Versioned by ``Hello``: the dialer sends it first, and nothing else is
-answered until it has been. Values stay under AMP's 64 KiB limit.
+answered until it has been. Values stay under AMP's 64 KiB limit. They ride on
+the control stream of a multiplexed link; byte streams (exec, tcp, http, relay)
+are streams of that link, opened as ``malai.peer.responders`` describes.
 """
 
 from twisted.protocols import amp
 
 __all__ = [
-    "EXEC_ARGUMENTS", "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "ExecFailed", "GetConfig", "Hello", "IncompatibleVersion",
-    "NotAllowed", "OpenExec", "OpenStream", "Ping", "PushConfig", "PutConfig", "RelayAttach", "RelayOpen",
-    "RelayRefused", "RelayRequest", "StaleBase", "UpstreamFailed",
+    "EXEC_ARGUMENTS", "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "GetConfig", "Hello",
+    "IncompatibleVersion", "NotAllowed", "Ping", "PushConfig", "PutConfig", "StaleBase",
 ]
 
 #: Bumped on any incompatible change to the commands below.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: every link multiplexed (malai.peer.mux); streams are not AMP commands
 
 
 class IncompatibleVersion(Exception):
@@ -28,16 +29,7 @@ class ConfigRefused(Exception):
     """A config push or upload that was not accepted; the message says why."""
 
 
-class ExecFailed(Exception):
-    """An allowed command that could not be started (unknown user, say)."""
 
-
-class UpstreamFailed(Exception):
-    """An allowed service whose upstream could not be reached; the message says why."""
-
-
-class RelayRefused(Exception):
-    """A relay that will not or cannot carry a stream; the message says why."""
 
 
 class StaleBase(Exception):
@@ -129,7 +121,7 @@ class ConfigHistory(amp.Command):
     errors = {NotAllowed: b"NOT_ALLOWED"}
 
 
-#: What an exec request says, on a peer link and on the control socket alike.
+#: What an exec request says on the control socket (on a peer link: ``malai.peer.exec_header``).
 EXEC_ARGUMENTS = [
     (b"argv", amp.ListOf(amp.Unicode())),
     (b"tty", amp.Boolean()),
@@ -140,48 +132,3 @@ EXEC_ARGUMENTS = [
     (b"line", amp.Unicode(optional=True)),  # instead of argv: ssh's command string (malai ssh)
     (b"subsystem", amp.Unicode(optional=True)),  # instead of argv: ``sftp`` (malai ssh -s)
 ]
-
-
-class OpenExec(amp.ProtocolSwitchCommand):
-    """Caller → machine: run ``argv`` (empty: a login shell); on the answer the link
-    switches to exec frames (malai.frames) and belongs to this one session."""
-
-    arguments = EXEC_ARGUMENTS
-    response: list = []
-    errors = {NotAllowed: b"NOT_ALLOWED", ExecFailed: b"EXEC_FAILED"}
-
-
-class OpenStream(amp.ProtocolSwitchCommand):
-    """Caller → machine: a byte stream to the ``kind`` (``tcp`` or ``http``) service
-    ``service``. The machine answers once its upstream is connected; the link then
-    carries relay frames (malai.peer.relay) and belongs to this one stream."""
-
-    arguments = [(b"kind", amp.Unicode()), (b"service", amp.Unicode())]
-    response: list = []
-    errors = {NotAllowed: b"NOT_ALLOWED", UpstreamFailed: b"UPSTREAM_FAILED"}
-
-
-class RelayOpen(amp.ProtocolSwitchCommand):
-    """Caller → relay: splice this link to ``target``, which keeps a link to the relay.
-    After the answer the link carries the caller's own TLS session with the target."""
-
-    arguments = [(b"target", amp.Unicode())]
-    response: list = []
-    errors = {RelayRefused: b"RELAY_REFUSED"}
-
-
-class RelayRequest(amp.Command):
-    """Relay → machine, over the link the machine keeps: dial back and attach ``token``."""
-
-    arguments = [(b"token", amp.Unicode())]
-    response: list = []
-    errors = {RelayRefused: b"RELAY_REFUSED"}
-
-
-class RelayAttach(amp.ProtocolSwitchCommand):
-    """Machine → relay, on a fresh link: this link is the far end of ``token``'s splice;
-    after the answer it carries a caller's TLS session, which the machine accepts."""
-
-    arguments = [(b"token", amp.Unicode())]
-    response: list = []
-    errors = {RelayRefused: b"RELAY_REFUSED"}

@@ -1,7 +1,7 @@
 """The machine's side of an HTTP service: HTTP/1.1 over the peer link, proxied to the upstream.
 
-After ``OpenStream http <service>`` the link carries relay frames (``DATA``,
-``EOF``) holding the caller's HTTP/1.1 connection. ``HttpSession`` parses it
+An ``http`` stream of a peer link carries the caller's HTTP/1.1 connection
+as it is (its half-close as END_STREAM). ``HttpSession`` parses it
 with h11, sends each request to the upstream over a connection from
 ``UpstreamPool`` (keep-alive), and streams bodies both ways: each transport
 is the other's producer while an exchange runs, so nothing is held whole.
@@ -19,12 +19,12 @@ from typing import Dict, List, Optional, Tuple
 import h11
 from twisted.internet.defer import succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from malai import frames
 from malai.audit import AuditLog
 from malai.config.models import HttpService
 from malai.p2p.link import no_delay
@@ -123,8 +123,9 @@ class UpstreamPool:
         self._idle.clear()
 
 
+@implementer(IHalfCloseableProtocol)
 class HttpSession(Protocol):
-    """The link of one HTTP connection from a caller, after ``OpenStream http``."""
+    """The stream of one HTTP connection from a caller (an ``http`` stream)."""
 
     log = Logger()
     head_timeout = HEAD_TIMEOUT
@@ -137,7 +138,6 @@ class HttpSession(Protocol):
         self.pool = pool
         self.audit = audit
         self.rule = rule
-        self.parser = frames.FrameParser()
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.upstream: Optional[Upstream] = None
         self.host: Optional[bytes] = None  # the Host of the first request: this link serves that one
@@ -155,17 +155,13 @@ class HttpSession(Protocol):
         self._arm(self.head_timeout, self._head_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
-        try:
-            for kind, payload in self.parser.feed(data):
-                if kind == frames.DATA:
-                    self._from_caller(payload)
-                elif kind == frames.EOF:
-                    self._from_caller(b"")
-                else:
-                    self.transport.loseConnection()
-                    return
-        except ValueError:
-            self.transport.loseConnection()
+        self._from_caller(data)
+
+    def readConnectionLost(self) -> None:
+        self._from_caller(b"")
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def _from_caller(self, data: bytes) -> None:
         if self.tunnel:
@@ -192,7 +188,7 @@ class HttpSession(Protocol):
             upstream.transport.abortConnection()
 
     def write_raw(self, data: bytes) -> None:
-        self.transport.write(frames.encode(frames.DATA, data))
+        self.transport.write(data)
 
     def _send(self, event) -> None:
         data = self.h11.send(event)
@@ -309,7 +305,6 @@ class HttpSession(Protocol):
 
     def upstream_lost(self, reason) -> None:
         if self.tunnel:
-            self.transport.write(frames.encode(frames.EOF))
             self.transport.loseConnection()
             return
         self._upstream_failed("the upstream closed the connection", reason.getErrorMessage())
@@ -406,7 +401,6 @@ class HttpSession(Protocol):
 
     def _close(self) -> None:
         if self.connected:
-            self.transport.write(frames.encode(frames.EOF))
             self.transport.loseConnection()
 
     def _audit(self, status: int, error: Optional[str] = None) -> None:

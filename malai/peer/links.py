@@ -1,56 +1,73 @@
-"""``LinkPool``: one link per (local identity, remote ID52), shared by request/response
-traffic; ``SpareLinks``: links made ready ahead for byte streams, one stream each."""
+"""``LinkPool``: one multiplexed link (``malai.peer.mux``) per (local identity, peer ID52),
+whichever side dialed it, shared by AMP commands and every byte stream.
 
-from typing import Dict, List, Optional, Tuple
+A link is *ready* once its control stream is open and both sides said ``Hello``
+(``PeerAMP.ready``). ``get`` hands out the ready link of a pair, sharing a dial
+in flight; ``adopt`` takes links the peer dialed, so a machine behind NAT is
+reached over the link it keeps. When both sides dial at once, each ends up
+with two links for the pair: both keep the one dialed by the side with the
+smaller ID52 and drain the other (its open streams finish, no new ones start),
+so they settle on the same link without a message.
+"""
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
-from twisted.internet.defer import TimeoutError as WaitTimedOut
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from malai.identity import Identity
-from malai.p2p.dial import Dialer, DialError
-from malai.peer.protocol import PeerAMP, PeerAMPFactory
+from malai.p2p.dial import Dialer
+from malai.peer.mux import MuxLink, MuxLinkFactory
+from malai.peer.streams import StreamRefused
 
-__all__ = ["MAX_DIALS_PER_PEER", "LinkPool", "SpareLinks", "dial_ready"]
+__all__ = ["LinkPool", "dial_ready", "hello_of"]
 
 Key = Tuple[str, str]
 
-#: Stream links dialed to one peer at a time; more wait their turn, so a burst of streams
-#: stays under the peer's cap on handshakes in progress per source address.
-MAX_DIALS_PER_PEER = 32
 
-
-def dial_ready(dialer: Dialer, local: Identity, peer: str, factory: PeerAMPFactory,
+def dial_ready(dialer: Dialer, local: Identity, peer: str, factory: MuxLinkFactory,
                hints: Optional[List[str]] = None) -> Deferred:
     """Dial ``peer`` and fire with the link once both sides said ``Hello``."""
     d = dialer.connect(local, peer, factory, hints)
-    d.addCallback(lambda link: link.ready.addCallback(lambda _: link))
+    d.addCallback(_when_ready)
     return d
 
 
-class LinkPool:
-    """Reuses open links, shares a dial in flight, and re-dials after a link closes.
+def _when_ready(link: MuxLink) -> Deferred:
+    """Fire with ``link`` once its control stream is open and the Hellos are exchanged."""
+    d = link.ready.addCallback(lambda _: link.control.ready)
+    d.addCallback(lambda _: link)
+    return d
 
-    Links the peer dialed (``adopt``) are reused too, so a machine behind a
-    firewall can be reached over the link it opened.
-    """
+
+def hello_of(link: MuxLink) -> dict:
+    """What the peer said in its ``Hello`` (its version, where it listens)."""
+    return link.control.peer_hello if link.control is not None else {}
+
+
+def _usable(link: Optional[MuxLink]) -> bool:
+    return link is not None and link.accepting and link.control is not None \
+        and link.control.peer_hello is not None
+
+
+class LinkPool:
+    """Reuses the open link of a pair, shares a dial in flight, re-dials after a link closed."""
 
     log = Logger()
 
-    def __init__(self, dialer: Dialer, factory: PeerAMPFactory):
+    def __init__(self, dialer: Dialer, factory: MuxLinkFactory):
         self.dialer = dialer
         self.factory = factory
-        self._links: Dict[Key, PeerAMP] = {}
+        self._links: Dict[Key, MuxLink] = {}
         self._dialing: Dict[Key, List[Deferred]] = {}
 
     def get(self, local: Identity, peer: str, hints: Optional[List[str]] = None) -> Deferred:
-        """Fire with a ready ``PeerAMP`` to ``peer``, dialing only when none is open."""
+        """Fire with the ready link to ``peer``, dialing only when none is open."""
         key = (local.id52, peer)
         link = self._links.get(key)
-        if link is not None and link.innerProtocol is None:
-            d: Deferred = Deferred()
-            d.callback(link)
-            return d
+        if _usable(link):
+            return succeed(link)
         waiter: Deferred = Deferred()
         if key in self._dialing:
             self._dialing[key].append(waiter)
@@ -60,121 +77,78 @@ class LinkPool:
         dial.addCallbacks(self._dialed, self._failed, callbackArgs=(key,), errbackArgs=(key,))
         return waiter
 
-    def _dialed(self, link: PeerAMP, key: Key) -> None:
-        self.adopt(link)
+    def _dialed(self, link: MuxLink, key: Key) -> None:
+        kept = self.adopt(link)
         for waiter in self._dialing.pop(key, []):
-            waiter.callback(link)
+            waiter.callback(kept)
 
     def _failed(self, failure, key: Key) -> None:
         for waiter in self._dialing.pop(key, []):
             waiter.errback(failure)
 
-    def adopt(self, link: PeerAMP) -> None:
-        """Make ``link`` the one used for its (local, peer) pair, unless one is open
-        (a peer may open several: the others will carry byte streams)."""
+    def adopt(self, link: MuxLink) -> MuxLink:
+        """Make ``link`` (ready) the one of its pair, unless the pair has a link that wins
+        over it; the loser drains. Returns the link kept."""
         key = (link.peer.local, link.peer.peer)
         current = self._links.get(key)
-        if current is not None and current.innerProtocol is None:
-            return
+        if current is link:
+            return link
+        if _usable(current):
+            winner, loser = (current, link) if _wins(current, link) else (link, current)
+            loser.drain()
+            if winner is current:
+                return current
         self._links[key] = link
         link.closed.addCallback(self._closed, key)
+        return link
 
-    def _closed(self, link: PeerAMP, key: Key) -> PeerAMP:
+    def _closed(self, link: MuxLink, key: Key) -> MuxLink:
         if self._links.get(key) is link:
             del self._links[key]
         return link  # for the observers after us (a keeper)
 
-    def current(self, local: str, peer: str) -> Optional[PeerAMP]:
-        """The open link between ``local`` and ``peer``, without dialing."""
+    def current(self, local: str, peer: str) -> Optional[MuxLink]:
+        """The ready link between ``local`` and ``peer``, without dialing."""
         link = self._links.get((local, peer))
-        return link if link is not None and link.innerProtocol is None else None
+        return link if _usable(link) else None
 
-    def links(self) -> List[PeerAMP]:
+    def links(self) -> List[MuxLink]:
         return list(self._links.values())
+
+    def open(self, local: Identity, peer: str, kind: str, target: str, protocol: Protocol,
+             headers: Mapping[str, str] = {}) -> Deferred:
+        """Open a ``kind`` stream to ``target`` on the link to ``peer`` (dialing it if needed);
+        fire with ``protocol`` once the peer accepted it, or fail with ``StreamRefused``
+        (or the dial's error). A link found draining is left for a new one, once."""
+        def opened(link: MuxLink) -> Deferred:
+            return link.open(kind, target, protocol, headers)
+
+        def retry(failure):
+            failure.trap(StreamRefused)
+            if failure.value.code != "DRAINING":
+                return failure
+            return self.get(local, peer).addCallback(opened)
+
+        return self.get(local, peer).addCallback(opened).addErrback(retry)
 
     def close(self, local: Optional[str] = None) -> Deferred:
         """Close every link (of the ``local`` ID52 only, if given); fire when all are closed."""
         closing = [link for key, link in self._links.items() if local is None or key[0] == local]
-        waits = [link.closed for link in closing]
         for link in closing:
-            link.transport.loseConnection()
-        return DeferredList(waits)
-
-
-class SpareLinks:
-    """Ready links kept aside for byte streams (forwarded connections, exec).
-
-    A stream needs a link of its own; dialing one costs a TCP connect, a TLS
-    handshake and a Hello. ``take`` hands out a spare when there is one and
-    dials ``spares`` new ones behind it, so a burst of streams to the same
-    peer finds links ready. Only pairs that carried a stream get spares; an
-    unused spare closes after the factory's idle timeout.
-    """
-
-    def __init__(self, dialer: Dialer, factory: PeerAMPFactory, spares: int = 2):
-        self.dialer = dialer
-        self.factory = factory
-        self.spares = spares
-        self._ready: Dict[Key, List[PeerAMP]] = {}
-        self._dialing: Dict[Key, int] = {}
-        self._turns: Dict[Key, DeferredSemaphore] = {}
-
-    def take(self, local: Identity, peer: str) -> Deferred:
-        """Fire with a ready link to ``peer`` that belongs to the caller alone."""
-        ready = self._ready.get((local.id52, peer), [])
-        taken = succeed(ready.pop(0)) if ready else self._dial(local, peer)
-        self._refill(local, peer)
-        return taken
-
-    def _dial(self, local: Identity, peer: str) -> Deferred:
-        """``dial_ready`` once fewer than ``MAX_DIALS_PER_PEER`` dials to ``peer`` are in progress,
-        within the dialer's timeout."""
-        turns = self._turns.setdefault((local.id52, peer), DeferredSemaphore(MAX_DIALS_PER_PEER))
-        timeout = self.dialer.timeout
-
-        def dial(_) -> Deferred:
-            def release(result):
-                turns.release()
-                return result
-
-            return dial_ready(self.dialer, local, peer, self.factory).addBoth(release)
-
-        def waited(failure):
-            failure.trap(WaitTimedOut)
-            raise DialError(f"cannot reach {peer}: {MAX_DIALS_PER_PEER} links to it were still being dialed "
-                            f"after {timeout:g}s")
-
-        return turns.acquire().addTimeout(timeout, self.dialer.reactor).addCallbacks(dial, waited)
-
-    def _refill(self, local: Identity, peer: str) -> None:
-        key = (local.id52, peer)
-        missing = self.spares - len(self._ready.get(key, [])) - self._dialing.get(key, 0)
-        for _ in range(missing):
-            self._dialing[key] = self._dialing.get(key, 0) + 1
-            d = self._dial(local, peer)
-            d.addCallbacks(self._spare, self._spare_failed, callbackArgs=(key,), errbackArgs=(key,))
-
-    def _spare(self, link: PeerAMP, key: Key) -> None:
-        self._dialing[key] -= 1
-        self._ready.setdefault(key, []).append(link)
-        link.closed.addCallback(self._discard, key)
-
-    def _spare_failed(self, failure, key: Key) -> None:
-        self._dialing[key] -= 1  # the next take dials in the open and reports the error
-
-    def _discard(self, link: PeerAMP, key: Key) -> PeerAMP:
-        ready = self._ready.get(key, [])
-        if link in ready:
-            ready.remove(link)
-        return link
-
-    def links(self) -> List[PeerAMP]:
-        return [link for links in self._ready.values() for link in links]
-
-    def close(self, local: Optional[str] = None) -> Deferred:
-        """Close the spares (of the ``local`` ID52 only, if given)."""
-        closing = [link for key, links in self._ready.items() if local is None or key[0] == local
-                   for link in links]
-        for link in closing:
-            link.transport.loseConnection()
+            link.close("closed by this side")
         return DeferredList([link.closed for link in closing])
+
+    def drain(self, timeout: float) -> Deferred:
+        """Let every link's open streams finish for up to ``timeout`` seconds, then close them."""
+        return DeferredList([link.drain(timeout) for link in list(self._links.values())])
+
+
+def _wins(a: MuxLink, b: MuxLink) -> bool:
+    """Whether ``a`` is kept over ``b`` (two links of one pair): the one dialed by the side
+    with the smaller ID52, as both sides decide alike; between two such, the older."""
+    def dialed_by_smaller(link: MuxLink) -> bool:
+        dialer_id52 = link.peer.local if link.dialer else link.peer.peer
+        return dialer_id52 == min(link.peer.local, link.peer.peer)
+
+    return dialed_by_smaller(a) or not dialed_by_smaller(b)
+

@@ -16,7 +16,7 @@ Using it
 
 Streams, in both directions
     A stream opens with one HEADERS frame: ``:method CONNECT``, ``:authority <target>``,
-    ``malai-kind <kind>`` and the opener's other headers (8 KiB at most: large
+    ``malai-kind <kind>`` and the opener's other headers (56 KiB at most: large
     parameters go in the stream). The other side's responder returns the stream's
     protocol (or a Deferred of it), or raises ``StreamRefused``: the answer is
     ``:status 200``, or a refusal whose ``malai-error`` code and ``malai-reason`` text
@@ -122,7 +122,7 @@ _KIND = re.compile(r"[a-z][a-z0-9-]{0,31}\Z")
 _HEADER_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}\Z")
 _RESERVED = frozenset({"malai-kind", "malai-error", "malai-reason"})
 MAX_TARGET = 1024
-MAX_REQUEST = 8 * 1024  # what a request's headers may hold; the peer accepts twice that
+MAX_REQUEST = 56 * 1024  # what a request's headers may hold (an exec request's argv); the peer accepts more
 MAX_REASON = 300
 _STATUS = {"BAD_REQUEST": b"400", "NOT_ALLOWED": b"403", "INTERNAL": b"500", "DRAINING": b"503"}
 
@@ -139,7 +139,7 @@ class MuxSettings:
     stream_window: int = attrs.field(default=1 << 20, validator=_between(65535, (1 << 31) - 1))  # in flight
     link_window: int = attrs.field(default=32 << 20, validator=_between(65535, (1 << 31) - 1))  # all streams
     max_frame_size: int = attrs.field(default=1 << 16, validator=_between(1 << 14, (1 << 24) - 1))
-    max_header_list_size: int = attrs.field(default=16 * 1024, validator=_between(4096, 1 << 20))
+    max_header_list_size: int = attrs.field(default=64 * 1024, validator=_between(4096, 1 << 20))
     high_water: int = 256 * 1024  # a writer is paused with this much waiting to be framed
     low_water: int = attrs.field(default=64 * 1024)  # ... and resumed at this much
     max_stream_buffer: int = 16 << 20  # a writer that ignores the pause loses its stream here

@@ -1,4 +1,5 @@
-"""``PeerAMP``: AMP on a verified link, opened by a ``Hello`` exchange."""
+"""``PeerAMP``: AMP on the control stream of a verified link (``malai.peer.mux``), opened by a
+``Hello`` exchange."""
 
 from typing import Callable, Optional
 
@@ -33,8 +34,8 @@ class HelloInfo:
 
 
 class QuietAMP(amp.AMP):
-    """AMP without its two log lines per connection (a forward opens a link per
-    connection; every CLI command opens a control connection), and with bounded input.
+    """AMP without its two log lines per connection (every CLI command opens a control
+    connection), and with bounded input.
 
     A box over ``MAX_BOX_BYTES`` or ``MAX_BOX_KEYS``, a box AMP cannot take (no
     command, an answer to nothing, an argument that does not parse) or a command
@@ -182,13 +183,14 @@ class PeerAMP(QuietAMP, TimeoutMixin):
             self.closed.callback(self)  # whatever happened above: pools and shutdown wait for it
 
     def timeoutConnection(self) -> None:
+        """No command for ``idle_timeout``: the link closes (its control stream ends) unless
+        it carries other streams."""
+        link = getattr(self.transport, "link", None)
+        if link is not None and len(link.streams) > 1:
+            self.resetTimeout()
+            return
         self.log.debug("closing idle link to {peer}", peer=self.peer.peer)
         self.transport.loseConnection()
-
-    def _switchTo(self, newProto, clientFactory=None):
-        """The link now belongs to one byte stream: no idle timeout, no more boxes."""
-        self.setTimeout(None)
-        super()._switchTo(newProto, clientFactory)
 
     # -- activity keeps the link open ------------------------------------------
     def ampBoxReceived(self, box) -> None:

@@ -1,10 +1,10 @@
-"""``Relay``: a plain TCP connection joined to a peer link that carries it as frames.
+"""``Relay``: a plain TCP connection joined to a stream of a peer link.
 
 The same relay serves both ends of a forward: on the member, the plain side is
-the caller's local connection; on the machine, the upstream service. Over the
-link, ``DATA`` frames carry the bytes, ``EOF`` a half-close (TLS cannot carry
-one on its own) and ``ERROR`` why the far side failed. Each transport is the
-other's producer, so a slow reader pauses the writer end to end.
+the caller's local connection; on the machine, the upstream service. The
+stream (``malai.peer.streams``) carries the bytes as they are, a half-close as
+END_STREAM, and a cut as RST_STREAM. Each transport is the other's producer,
+so a slow reader pauses the writer end to end.
 """
 
 from typing import Callable, List, Optional
@@ -17,10 +17,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from malai import frames
 from malai.p2p.link import no_delay
 
-__all__ = ["Relay"]
+__all__ = ["LinkEnd", "PlainEnd", "Relay"]
 
 
 class Relay:
@@ -59,71 +58,68 @@ class Relay:
             self._quiet = True  # a client that gave up waiting: nothing went wrong here
             self.fail("the local connection closed before the stream opened")
             return
-        for data in self._pending:
-            link.write(data)
-        self._pending.clear()
-        link.registerProducer(plain, True)
+        if self._pending:
+            link.writeSequence(self._pending)
+            self._pending.clear()
+        if self._eof_sent:
+            link.loseWriteConnection()
+        else:
+            link.registerProducer(plain, True)
         plain.registerProducer(link, True)
         plain.resumeProducing()
 
     # -- plain side → link ------------------------------------------------------
     def from_plain(self, data: bytes) -> None:
         self.bytes_to_link += len(data)
-        frame = frames.encode(frames.DATA, data)
         if self.link.connected:
-            self.link.transport.write(frame)
+            self.link.transport.write(data)
         else:
-            self._pending.append(frame)
+            self._pending.append(data)
 
     def plain_eof(self) -> None:
         self._eof_sent = True
-        frame = frames.encode(frames.EOF)
         if self.link.connected:
             _release(self.link.transport)  # the plain side sends no more
-            self.link.transport.write(frame)
+            self.link.transport.loseWriteConnection()
             self._maybe_finished()
-        else:
-            self._pending.append(frame)
 
     def plain_lost(self, reason: Optional[Failure]) -> None:
         if self.link.connected:
             _release(self.link.transport)
             if not self._finished():
-                why = self._reason or _describe(reason, "the connection closed")
-                self._reason = self._reason or why
-                self.link.transport.write(frames.encode(frames.ERROR, why.encode()))
-            self.link.transport.loseConnection()
+                self._reason = self._reason or _describe(reason, "the connection closed")
+                if reason is None or reason.check(ConnectionDone):
+                    self.link.transport.loseConnection()
+                else:
+                    self.link.transport.abortConnection()
+            else:
+                self.link.transport.loseConnection()
         elif not self._finished():  # before the stream opened (or a browser's spare connection)
             self._reason = self._reason or _describe(reason, "the connection closed before the stream opened")
             self._quiet = self._quiet or reason is None or bool(reason.check(ConnectionDone))
         self._end()
 
     # -- link → plain side ------------------------------------------------------
-    def from_link(self, kind: bytes, payload: bytes) -> None:
+    def from_link(self, data: bytes) -> None:
+        self.bytes_to_plain += len(data)
+        self.plain.transport.write(data)
+
+    def link_eof(self) -> None:
+        self._eof_received = True
         plain = self.plain.transport
-        if self._eof_received:
-            self.fail(f"the far side sent a {kind!r} frame after its end of stream")
-        elif kind == frames.DATA:
-            self.bytes_to_plain += len(payload)
-            plain.write(payload)
-        elif kind == frames.EOF:
-            self._eof_received = True
-            # The link sends no more. Unregister it first: Twisted half-closes a
-            # socket only if no paused producer is waiting for its buffer to drain.
-            _release(plain)
-            self.link.transport.resumeProducing()
-            plain.loseWriteConnection()
-            self._maybe_finished()
-        elif kind == frames.ERROR:
-            self.fail(f"the far side: {payload.decode(errors='replace')}")
-        else:
-            self.fail(f"unexpected frame {kind!r} on a relayed stream")
+        if plain is None or not self.plain.connected:
+            return
+        # The link sends no more. Unregister it first: Twisted half-closes a
+        # socket only if no paused producer is waiting for its buffer to drain.
+        _release(plain)
+        plain.loseWriteConnection()
+        self._maybe_finished()
 
     def link_lost(self, reason: Optional[Failure]) -> None:
         if self.plain.connected:
             _release(self.plain.transport)
-            if self._eof_received:  # the far side ended its half: what it sent is delivered, then close
-                self.plain.transport.loseConnection()
+            if self._eof_received or reason is None or reason.check(ConnectionDone):
+                self.plain.transport.loseConnection()  # what the far side sent is delivered, then close
             else:
                 self._reason = self._reason or _describe(reason, "the peer link closed")
                 self.plain.transport.abortConnection()
@@ -143,7 +139,7 @@ class Relay:
         if self.plain.connected:
             self.plain.transport.abortConnection()
         if self.link.connected:
-            self.link.transport.loseConnection()
+            self.link.transport.abortConnection()
         self._end()
 
     def _finished(self) -> bool:
@@ -199,24 +195,24 @@ class PlainEnd(Protocol):
         self.relay.plain_lost(reason)
 
 
+@implementer(IHalfCloseableProtocol)
 class LinkEnd(Protocol):
-    """The peer-link side of a relay, after the link switched to relay frames."""
+    """The stream side of a relay."""
 
     def __init__(self, relay: Relay):
         self.relay = relay
-        self.parser = frames.FrameParser()
 
     def connectionMade(self) -> None:
         self.relay.link_connected()
 
     def dataReceived(self, data: bytes) -> None:
-        try:
-            for kind, payload in self.parser.feed(data):
-                if self.transport.disconnecting:  # the stream ended: the rest is not read
-                    return
-                self.relay.from_link(kind, payload)
-        except ValueError as e:
-            self.relay.fail(f"bad relay frame: {e}")
+        self.relay.from_link(data)
+
+    def readConnectionLost(self) -> None:
+        self.relay.link_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.connected = False

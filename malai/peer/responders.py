@@ -1,6 +1,8 @@
-"""What a verified peer may ask of a cluster: config push and remote commands
-(to machines), config editing (on the manager). Every request is authorised here against
-the link's verified peer ID52; the cluster service does the work."""
+"""What a verified peer may ask of a cluster: config push (to machines) and config editing
+(on the manager) as AMP commands on a link's control stream (``ClusterResponder``); remote
+commands, forwarded services and relaying as streams of the link (``StreamResponder``).
+Every request is authorised here against the link's verified peer ID52; the cluster
+service does the work."""
 
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -11,28 +13,15 @@ from malai.config.errors import ConfigError
 from malai.config.store import HashMismatch, Refusal
 from malai.errors import MalaiError
 from malai.p2p.link import PeerAddress
-from malai.peer.commands import (
-    ConfigHistory,
-    ConfigRefused,
-    ExecFailed,
-    GetConfig,
-    NotAllowed,
-    OpenExec,
-    OpenStream,
-    PushConfig,
-    PutConfig,
-    RelayAttach,
-    RelayOpen,
-    RelayRefused,
-    RelayRequest,
-    StaleBase,
-)
+from malai.peer import exec_header
+from malai.peer.commands import ConfigHistory, ConfigRefused, GetConfig, NotAllowed, PushConfig, PutConfig, StaleBase
 from malai.peer.execution import BadRequest, ExecSession, caller_name, prepare
 from malai.peer.http_headers import Caller
 from malai.peer.http_proxy import HttpSession
+from malai.peer.streams import StreamRefused, StreamRequest
 from malai.peer.upstream import authorise, open_tcp
 
-__all__ = ["ClusterResponder"]
+__all__ = ["ClusterResponder", "StreamResponder"]
 
 HISTORY_SHOWN = 200  # the latest versions: what one AMP value (64 KiB) holds with room to spare
 
@@ -91,33 +80,69 @@ class ClusterResponder(amp.CommandLocator):
         return ConfigRefused(str(error) if isinstance(error, Refusal) else f"{action} failed on the manager; "
                              "its log says why")
 
-    @OpenExec.responder
-    def open_exec(self, argv, tty, term, rows, cols, timeout=None, line=None, subsystem=None):
-        cluster, caller = self.cluster, self.peer.peer
-        asked = [line] if line is not None else ["-s", subsystem] if subsystem is not None else argv  # for the audit
+    @ConfigHistory.responder
+    def history(self):
+        return {"versions": self._store("config history").history()[-HISTORY_SHOWN:]}
+
+
+class StreamResponder:
+    """Answers the streams a verified peer opens on a link, by kind:
+
+    - ``exec`` (target: the cluster; header ``malai-exec``, see ``malai.peer.exec_header``):
+      a command, its session speaking exec frames (``malai.frames``);
+    - ``tcp`` / ``http`` (target: the service name): the service's upstream, as bytes;
+    - ``relay`` (target: an ID52), on a relay: a stream spliced to that member over the
+      link it keeps here, carrying the caller's own TLS link with it;
+    - ``relayed`` (target: the caller's ID52), from a relay: that caller's TLS link.
+
+    Each is authorised against the verified peer before the stream is accepted; a
+    refusal is a ``StreamRefused`` whose code (``NOT_ALLOWED``, ``EXEC_FAILED``,
+    ``UPSTREAM_FAILED``, ``RELAY_REFUSED``, ``BAD_REQUEST``) and reason the opener sees.
+    """
+
+    log = Logger()
+
+    def __init__(self, cluster):
+        self.cluster = cluster  # a ClusterService
+
+    def __call__(self, request: StreamRequest):
+        answer = self._kinds.get(request.kind)
+        if answer is None:
+            raise StreamRefused(f"this machine opens no {request.kind!r} streams; exec, tcp, http or relay",
+                                "BAD_REQUEST")
+        return answer(self, request)
+
+    def exec(self, request: StreamRequest) -> ExecSession:
+        cluster, caller = self.cluster, request.peer.peer
         try:
-            request = prepare(cluster.entry.machine, cluster.name, caller, argv, tty, term, rows, cols, timeout,
-                              line, subsystem)
+            fields = exec_header.decode(dict(request.headers))
+        except ValueError as e:
+            fields, problem = None, BadRequest(f"invalid request: {e}")
+        else:
+            problem = None
+        asked = _asked(fields)
+        try:
+            if problem is not None:
+                raise problem
+            exec_request = prepare(cluster.entry.machine, cluster.name, caller, **fields)
         except BadRequest as e:
             cluster.audit.record(cluster=cluster.name, caller=caller, argv=asked, decision="invalid", rule=str(e))
-            self.log.warn("{cluster}: {caller} sent an invalid exec request ({why}): tty={tty} rows={rows} "
-                          "cols={cols} timeout={timeout}", cluster=cluster.name, caller=caller, why=e, tty=tty,
-                          rows=rows, cols=cols, timeout=timeout)
-            raise ExecFailed(str(e)) from None
+            self.log.warn("{cluster}: {caller} sent an invalid exec request: {why}", cluster=cluster.name,
+                          caller=caller, why=e)
+            raise StreamRefused(str(e), "BAD_REQUEST") from None
         except Denied as e:
             cluster.audit.record(cluster=cluster.name, caller=caller, argv=asked, decision="denied",
                                  rule=str(e.decision))
             self.log.warn("{cluster}: {caller} denied {argv}: {why}", cluster=cluster.name, caller=caller,
                           argv=asked, why=e.decision)
-            raise NotAllowed(e.for_caller()) from None
+            raise StreamRefused(e.for_caller(), "NOT_ALLOWED") from None
         except MalaiError as e:
             cluster.audit.record(cluster=cluster.name, caller=caller, argv=asked, decision="failed", rule=str(e))
-            raise ExecFailed(str(e)) from None
-        return ExecSession(cluster.daemon.reactor, request, cluster.audit)
+            raise StreamRefused(str(e), "EXEC_FAILED") from None
+        return ExecSession(cluster.daemon.reactor, exec_request, cluster.audit)
 
-    @OpenStream.responder
-    def open_stream(self, kind, service):
-        cluster, caller = self.cluster, self.peer.peer
+    def service(self, request: StreamRequest):
+        cluster, caller, kind, service = self.cluster, request.peer.peer, request.kind, request.target
         config = cluster.entry.machine
         name = caller_name(config, caller) if config is not None else ""
         try:
@@ -127,40 +152,34 @@ class ClusterResponder(amp.CommandLocator):
                                  decision="denied", rule=str(e.decision))
             self.log.warn("{cluster}: {caller} denied {kind}.{service}: {why}", cluster=cluster.name,
                           caller=name or caller, kind=kind, service=service, why=e.decision)
-            raise NotAllowed(e.for_caller()) from None
+            raise StreamRefused(e.for_caller(), "NOT_ALLOWED") from None
         if kind == "tcp":
-            return open_tcp(cluster.daemon.reactor, target, decision, self.peer, name, cluster.name, cluster.audit)
-        who = Caller(caller, name, config.manager.cluster_name, getattr(self.peer.address, "host", ""))
+            return open_tcp(cluster.daemon.reactor, target, decision, request.peer, name, cluster.name,
+                            cluster.audit)
+        who = Caller(caller, name, config.manager.cluster_name, getattr(request.peer.address, "host", ""))
         return HttpSession(cluster.daemon.reactor, target, who, cluster.daemon.http_upstreams, cluster.audit,
                            str(decision))
 
-    _relay_asked = False  # a link asks for one relayed stream (RelayOpen or RelayAttach), once
-
-    def _relay_once(self) -> None:
-        if self._relay_asked:
-            raise RelayRefused("this link already asked for a relayed stream; open a link per stream")
-        self._relay_asked = True
-
-    @RelayOpen.responder
-    def relay_open(self, target):
-        cluster, caller = self.cluster, self.peer.peer
+    def relay(self, request: StreamRequest):
+        cluster, caller = self.cluster, request.peer.peer
         if caller not in cluster.members() and caller != cluster.manager_id52():
             self.log.warn("{cluster}: refused to relay for {caller}: not a member", cluster=cluster.name,
                           caller=caller)
-            raise RelayRefused("only members of this cluster may use its relay")
-        self._relay_once()
-        return cluster.relay_open(caller, target)
+            raise StreamRefused("only members of this cluster may use its relay", "RELAY_REFUSED")
+        return cluster.relay_open(caller, request.target)
 
-    @RelayAttach.responder
-    def relay_attach(self, token):
-        self._relay_once()
-        return self.cluster.relayer().attach(token, self.peer.peer)
+    def relayed(self, request: StreamRequest):
+        return self.cluster.relayed(request.peer.peer, request.target)
 
-    @RelayRequest.responder
-    def relay_request(self, token):
-        self.cluster.relay_request(self.peer.peer, token)
-        return {}
+    _kinds = {"exec": exec, "tcp": service, "http": service, "relay": relay, "relayed": relayed}
 
-    @ConfigHistory.responder
-    def history(self):
-        return {"versions": self._store("config history").history()[-HISTORY_SHOWN:]}
+
+def _asked(fields) -> list:
+    """What the caller asked to run, for the audit."""
+    if fields is None:
+        return []
+    if fields["line"] is not None:
+        return [fields["line"]]
+    if fields["subsystem"] is not None:
+        return ["-s", fields["subsystem"]]
+    return fields["argv"]

@@ -16,9 +16,9 @@ from malai.acl import Acl, Decision, Denied
 from malai.audit import AuditLog
 from malai.config.models import HttpService, MachineConfig, TcpService
 from malai.p2p.link import PeerAddress
-from malai.peer.commands import UpstreamFailed
 from malai.peer.proxy_header import proxy_v2
 from malai.peer.relay import LinkEnd, Relay
+from malai.peer.streams import StreamRefused
 
 __all__ = ["CONNECT_TIMEOUT", "authorise", "connect_quietly", "open_tcp"]
 
@@ -54,7 +54,7 @@ def open_tcp(reactor, service: TcpService, decision: Decision, peer: PeerAddress
         log.warn("{cluster}: {who}: {why}", cluster=cluster, who=who, why=why)
         audit.record(cluster=cluster, caller=peer.peer, name=caller_name, tcp=service.name, decision="failed",
                      rule=why)
-        raise UpstreamFailed(why) from None
+        raise StreamRefused(why, "UPSTREAM_FAILED") from None
     if service.proxy_protocol:
         upstream = relay.plain.transport.getPeer()
         source = getattr(peer.address, "host", ""), getattr(peer.address, "port", 0)

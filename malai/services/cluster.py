@@ -14,9 +14,9 @@ from malai.errors import MalaiError
 from malai.home import MANAGER, ClusterEntry
 from malai.identity import ID52Error, Identity, parse_id52
 from malai.p2p.link import PeerAddress
-from malai.peer.commands import RelayRefused
-from malai.peer.relaying import Relayer, attach
-from malai.peer.responders import ClusterResponder
+from malai.peer.relaying import Relayer
+from malai.peer.responders import ClusterResponder, StreamResponder
+from malai.peer.streams import StreamRefused
 from malai.services.agent import MachineAgent
 from malai.services.publisher import ConfigPublisher
 
@@ -100,7 +100,8 @@ class ClusterService(MultiService):
     def relayer(self) -> Relayer:
         e = self.entry
         if e.cluster is None and (e.machine is None or not e.machine.machine.relay):
-            raise RelayRefused(f"this device does not relay for {self.name} (relay = true is not set for it)")
+            raise StreamRefused(f"this device does not relay for {self.name} (relay = true is not set for it)",
+                                "RELAY_REFUSED")
         return self.daemon.relayer
 
     def _derive(self, key: str, make):
@@ -122,10 +123,11 @@ class ClusterService(MultiService):
     def relay_open(self, caller: str, target: str):
         relayer = self.relayer()
         if target not in self.members():
-            raise RelayRefused(f"{target} is not a member of {self.name}")
+            raise StreamRefused(f"{target} is not a member of {self.name}", "RELAY_REFUSED")
         link = self.daemon.pool.current(self.identity.id52, target)
         if link is None:
-            raise RelayRefused(f"{self.name_of(target)} keeps no link to this relay (is its daemon running?)")
+            raise StreamRefused(f"{self.name_of(target)} keeps no link to this relay (is its daemon running?)",
+                                "RELAY_REFUSED")
         return relayer.open(link, caller, target)
 
     def relays(self) -> List[str]:
@@ -135,13 +137,15 @@ class ClusterService(MultiService):
         manager = self.manager_id52()
         return relays + ([manager] if manager else [])
 
-    def relay_request(self, relay: str, token: str) -> None:
-        """A relay (the manager, or a member with relay = true) carries a caller to us: dial it back."""
+    def relayed(self, relay: str, caller: str):
+        """A relay (the manager, or a member with relay = true) carries ``caller``'s link to us:
+        the protocol that accepts it (its TLS handshake, then a link like any other)."""
         if relay not in self.relays():
-            raise RelayRefused("only this cluster's manager or a member with relay = true may ask us to attach")
-        d = attach(self.daemon.dialer, self.daemon.hello, self.identity, relay, token, self.daemon.accept)
-        d.addErrback(lambda f: self.log.warn("{cluster}: cannot attach to the relay: {why}", cluster=self.name,
-                                             why=f.getErrorMessage()))
+            raise StreamRefused("only this cluster's manager or a member with relay = true may relay to us",
+                                "RELAY_REFUSED")
+        self.log.info("{cluster}: a link from {caller} arrives through {relay}", cluster=self.name,
+                      caller=self.name_of(caller), relay=self.name_of(relay))
+        return self.daemon.accept.buildProtocol(None)
 
     def manager_id52(self) -> Optional[str]:
         """The cluster manager's ID52: ours on the manager, else from cluster-info.toml (the trust
@@ -262,6 +266,9 @@ class ClusterService(MultiService):
 
     def responder_for(self, peer: PeerAddress) -> amp.CommandLocator:
         return ClusterResponder(self, peer)
+
+    def stream_responder(self) -> StreamResponder:
+        return self._derive("streams", lambda: StreamResponder(self))
 
     def config_version(self) -> int:
         if self.publisher is not None:

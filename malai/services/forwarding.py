@@ -2,8 +2,8 @@
 
 ``[tcp.NAME]`` in ``malai.toml`` makes one ``TcpForward`` service each; the
 ``Forwards`` service keeps them in step with the file on every rescan. Each
-accepted connection gets a peer link of its own (see DESIGN.md, layer 3), so
-TCP's flow control is per forwarded connection.
+accepted connection is a stream of the one link to its machine (see DESIGN.md,
+layer 3), with flow control of its own.
 """
 
 from typing import Dict, List, Optional, Set
@@ -18,9 +18,8 @@ from twisted.python.failure import Failure
 from malai.config.device import check_remote
 from malai.config.models import DeviceConfig, TcpForward
 from malai.errors import MalaiError
-from malai.peer.commands import NotAllowed, OpenStream, UpstreamFailed
 from malai.peer.relay import LinkEnd, PlainEnd, Relay
-from malai.peer.splice import SwitchTo
+from malai.peer.streams import StreamRefused
 from malai.services.listening import ListeningService
 from malai.services.report import Report, change
 
@@ -60,21 +59,15 @@ def listen_endpoint(local: str) -> str:
 
 @inlineCallbacks
 def open_stream(context, remote: ServiceAddress, kind: str, link_end: LinkEnd):
-    """Dial ``remote``'s machine on a link of its own and hand the link to ``link_end``.
+    """Open a ``kind`` stream to ``remote`` on the link to its machine, for ``link_end``.
 
     ``context`` is the daemon (or a one-shot stand-in): ``cluster(alias)`` and
-    ``streams`` (SpareLinks). Fails with a MalaiError that says why."""
+    ``pool`` (LinkPool). Fails with a MalaiError that says why."""
     cluster = context.cluster(remote.cluster)
-    link = yield context.streams.take(cluster.identity, cluster.target(remote.machine))
     try:
-        yield link.callRemote(OpenStream, _protoToSwitchToFactory=SwitchTo(link_end), kind=kind,
-                              service=remote.service)
-    except NotAllowed as e:
-        link.transport.loseConnection()
-        raise StreamDenied(f"{remote}: {e}") from None
-    except UpstreamFailed as e:
-        link.transport.loseConnection()
-        raise MalaiError(f"{remote}: {e}") from None
+        yield context.pool.open(cluster.identity, cluster.target(remote.machine), kind, remote.service, link_end)
+    except StreamRefused as e:
+        raise (StreamDenied if e.code == "NOT_ALLOWED" else MalaiError)(f"{remote}: {e}") from None
 
 
 class _ForwardFactory(Factory):

@@ -2,7 +2,7 @@
 
 A browser connection is read up to the end of its first request head; the
 ``Host`` picks the machine and service, and from then on the connection is
-relayed as it is over a peer link of its own (``OpenStream http``). The
+relayed as it is over an ``http`` stream of the link to the machine. The
 machine parses every request, so a later request on the same connection for
 another host gets a 421 and the browser opens a new connection for it.
 

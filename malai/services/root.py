@@ -21,9 +21,11 @@ from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.link import PeerAddress, server_factory
 from malai.p2p.tls import PeerTLS
 from malai.peer.http_proxy import UpstreamPool
-from malai.peer.links import LinkPool, SpareLinks
-from malai.peer.protocol import HelloInfo, PeerAMP, PeerAMPFactory
+from malai.peer.links import LinkPool, hello_of
+from malai.peer.mux import MuxLink, MuxLinkFactory
+from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from malai.peer.relaying import Relayer, relay_endpoint
+from malai.peer.streams import StreamRefused, StreamRequest
 from malai.services.cluster import ClusterService
 from malai.services.forwarding import Forwards
 from malai.services.listening import ListeningService
@@ -33,9 +35,8 @@ from malai.services.tor import TorService
 
 __all__ = ["MalaiService"]
 
-IDLE_TIMEOUT = 300.0
+IDLE_TIMEOUT = 300.0  # a link with no stream and no command for this long closes
 ABORT_GRACE = 1.0  # after aborting what stopping left open, before the lock is released anyway
-SPARE_IDLE_TIMEOUT = 60.0
 
 
 class MalaiService(MultiService):
@@ -53,16 +54,17 @@ class MalaiService(MultiService):
         self.book = AddressBook()
         self.dialer = Dialer(reactor, self.tls, self.book)
         self.hello = HelloInfo()
-        self.pool = LinkPool(self.dialer, PeerAMPFactory(
-            self.hello, dialer=True, responder=self._responder, idle_timeout=IDLE_TIMEOUT, clock=reactor))
-        self.streams = SpareLinks(self.dialer, PeerAMPFactory(
-            self.hello, dialer=True, idle_timeout=SPARE_IDLE_TIMEOUT, clock=reactor))
-        self._accepted = PeerAMPFactory(self.hello, dialer=False, responder=self._responder,
-                                        idle_timeout=IDLE_TIMEOUT, clock=reactor)
+        self._commands = [PeerAMPFactory(self.hello, dialer, responder=self._responder, idle_timeout=IDLE_TIMEOUT,
+                                         clock=reactor) for dialer in (True, False)]
+        dialing, accepting = (MuxLinkFactory(c.dialer, self._answer_stream, c.buildProtocol, clock=reactor)
+                              for c in self._commands)
+        self.pool = LinkPool(self.dialer, dialing)
+        self._accepted = accepting
         self.http_upstreams = UpstreamPool(reactor)
         self.relayer = Relayer(reactor)
         self.tor: Optional[TorService] = None
-        self.dialer.kinds["relay"] = relay_endpoint(self.dialer, lambda: self.hello)
+        self.dialer.kinds["relay"] = relay_endpoint(
+            lambda local, relay: self.pool.get(local, relay, self.dialer.direct_hints(relay)))
         self.accept = server_factory(self.tls, self._route, reactor)  # peer links, direct or arriving through a relay
         self.clusters: Dict[str, ClusterService] = {}
         self.listeners: List[ListeningService] = []
@@ -110,7 +112,8 @@ class MalaiService(MultiService):
         """Tell peers in ``Hello`` where we listen, so they can dial us back."""
         tcp = [a for a in self.addresses() if a.rpartition(":")[2].isdigit()]  # not UNIX sockets
         self.hello = attrs.evolve(self.hello, addrs=tuple(tcp))
-        self.pool.factory.hello = self.streams.factory.hello = self._accepted.hello = self.hello
+        for factory in self._commands:
+            factory.hello = self.hello
 
     def _fatal(self, failure) -> None:
         """A start-up error (a port in use, say): log it, stop, and exit with status 1."""
@@ -141,7 +144,7 @@ class MalaiService(MultiService):
         for svc in [self.control, *self.listeners]:
             if svc.running:
                 yield self._until(svc.stopService(), deadline)
-        closing = DeferredList([self.pool.close(), self.streams.close()])
+        closing = self.pool.drain(max(0.0, deadline - self.reactor.seconds()))  # open streams may finish
         yield self._until(closing, deadline)
         if not closing.called:
             self._abort_links()
@@ -167,7 +170,7 @@ class MalaiService(MultiService):
         return out
 
     def _abort_links(self) -> None:
-        links = [link for link in (*self.pool.links(), *self.streams.links()) if link.transport is not None]
+        links = [link for link in self.pool.links() if link.transport is not None]
         self.log.warn("aborting {count} links still open after {timeout:g}s", count=len(links),
                       timeout=self.stop_timeout)
         for link in links:
@@ -184,20 +187,27 @@ class MalaiService(MultiService):
         cluster = self._cluster_for(addr.local)
         return cluster.responder_for(addr) if cluster is not None else None
 
-    def _route(self, addr: PeerAddress) -> Optional[PeerAMP]:
+    def _answer_stream(self, request: StreamRequest):
+        """A stream the peer opened on any link: its cluster's responder answers."""
+        cluster = self._cluster_for(request.peer.local)
+        if cluster is None:
+            raise StreamRefused("this device no longer serves that cluster", "NOT_ALLOWED")
+        return cluster.stream_responder()(request)
+
+    def _route(self, addr: PeerAddress) -> Optional[MuxLink]:
         cluster = self._cluster_for(addr.local)
         if cluster is None or not cluster.knows(addr.peer):
             return None
         link = self._accepted.buildProtocol(addr)
-        link.ready.addCallback(self._accepted_link, link)
-        link.ready.addErrback(lambda f: None)  # the link logs its own refusal
+        link.ready.addCallback(lambda _: link.control.ready)
+        link.ready.addCallbacks(self._accepted_link, lambda f: None, callbackArgs=(link,))  # a refusal is logged
         return link
 
-    def _accepted_link(self, hello: dict, link: PeerAMP) -> None:
+    def _accepted_link(self, _, link: MuxLink) -> None:
         """Reuse a link the peer opened, learn where it listens, tell its cluster."""
         self.pool.adopt(link)
         observed = getattr(link.peer.address, "host", "")
-        hints = self.book.advertise(link.peer.peer, hello.get("addrs", ()), observed)
+        hints = self.book.advertise(link.peer.peer, hello_of(link).get("addrs", ()), observed)
         cluster = self._cluster_for(link.peer.local)
         if cluster is not None:
             cluster.peer_connected(link.peer.peer, hints)
@@ -208,7 +218,8 @@ class MalaiService(MultiService):
     def links_of(self, svc: ClusterService) -> List[dict]:
         """The open request/response links of a cluster's identity, with the path each took."""
         me = svc.identity.id52  # encoded once, not once per link
-        return [{"peer": svc.name_of(link.peer.peer), "path": link.peer.hint or "inbound"}
+        return [{"peer": svc.name_of(link.peer.peer), "path": link.peer.hint or "inbound",
+                 "rtt": link.rtt, "streams": len(link.streams)}
                 for link in self.pool.links() if link.peer.local == me]
 
     # -- rescan -----------------------------------------------------------------
@@ -297,7 +308,7 @@ class MalaiService(MultiService):
         self.tls.remove(svc.identity.id52)
         if self.tor is not None:
             self.tor.sync()
-        closing = DeferredList([self.pool.close(svc.identity.id52), self.streams.close(svc.identity.id52)])
+        closing = self.pool.close(svc.identity.id52)
         stopped = svc.disownServiceParent()
         return DeferredList([closing, stopped]) if stopped is not None else closing
 
