@@ -313,7 +313,7 @@ class StreamTests(SynchronousTestCase):
 
     def test_a_request_too_large_for_headers_is_refused_before_sending(self):
         dialer, listener, pump, _ = pair(self, None, Responder())
-        _, d = open_stream(dialer, pump, "exec", "x", {"malai-argv": "a" * 9000})
+        _, d = open_stream(dialer, pump, "exec", "x", {"malai-argv": "a" * 60000})
         self.assertIn("send large parameters in the stream", str(self.failureResultOf(d, StreamRefused).value))
         self.assertEqual(listener._conn.highest_inbound_stream_id, 0)
 
@@ -326,19 +326,33 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(dialer.draining and listener.peer_draining)
         self.assertIsNone(running.lost)  # the open stream finishes first
 
-    def test_streams_are_refused_at_the_peers_limit(self):
-        dialer, listener, pump, _ = pair(self, None, Responder(), listener_settings=MuxSettings(max_concurrent_streams=2))
+    def test_opens_past_the_peers_limit_wait_their_turn(self):
+        dialer, listener, pump, _ = pair(self, None, Responder(), dialer_settings=MuxSettings(max_queued_opens=1),
+                                         listener_settings=MuxSettings(max_concurrent_streams=2))
         first, _ = open_stream(dialer, pump)
         open_stream(dialer, pump)
-        _, d = open_stream(dialer, pump)
+        third, waiting = open_stream(dialer, pump)
+        self.assertNoResult(waiting)
+        _, d = open_stream(dialer, pump)  # past the queue's bound
         error = self.failureResultOf(d, StreamRefused).value
         self.assertEqual(error.code, "TOO_MANY_STREAMS")
-        self.assertIn("takes 2 streams at once", str(error))
+        self.assertIn("takes 2 streams at once on a link and 1 more wait already", str(error))
         first.transport.loseConnection()
         pump.flush()
-        fourth, d = open_stream(dialer, pump)
-        self.assertIs(self.successResultOf(d), fourth)
+        self.assertIs(self.successResultOf(waiting), third)
         self.assertFalse(dialer._gone)
+
+    def test_a_queued_open_can_be_cancelled_and_fails_when_the_link_goes(self):
+        dialer, listener, pump, _ = pair(self, None, Responder(), listener_settings=MuxSettings(max_concurrent_streams=1))
+        open_stream(dialer, pump)
+        _, cancelled = open_stream(dialer, pump)
+        _, lost = open_stream(dialer, pump)
+        cancelled.cancel()
+        self.failureResultOf(cancelled, defer.CancelledError)
+        self.assertEqual(len(dialer._queued), 1)
+        dialer.close("test")
+        pump.flush()
+        self.assertEqual(self.failureResultOf(lost, StreamRefused).value.code, "LINK_CLOSED")
 
     def test_bad_requests_are_refused_and_the_link_stays(self):
         dialer, listener, pump, _ = pair(self, None, Responder())
@@ -668,11 +682,12 @@ class AdversarialTests(SynchronousTestCase):
         peer.send()
         pump.flush()
         peer.ack_settings()
-        big = REQUEST + [("malai-x", "v" * 20000)]
+        big = REQUEST + [("malai-x", "v" * 70000)]
         block = peer.encoder.encode(big)
-        first = HeadersFrame(1, block[:16000])
-        rest = ContinuationFrame(1, block[16000:], flags=["END_HEADERS"])
-        peer.send(first, rest, preface=False)
+        parts = [block[i:i + 16000] for i in range(0, len(block), 16000)]
+        frames = [HeadersFrame(1, parts[0])] + [ContinuationFrame(1, part) for part in parts[1:]]
+        frames[-1].flags.add("END_HEADERS")
+        peer.send(*frames, preface=False)
         self.assertLinkLost(ErrorCodes.ENHANCE_YOUR_CALM, "protocol error")
 
     def test_more_streams_than_the_limit_lose_the_link(self):

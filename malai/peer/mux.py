@@ -76,7 +76,8 @@ Limits and liveness
 
 import re
 import struct
-from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple, Union, cast
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Mapping, Optional, Set, Tuple, Union, cast
 
 import attrs
 from h2.config import H2Configuration
@@ -144,6 +145,7 @@ class MuxSettings:
     low_water: int = attrs.field(default=64 * 1024)  # ... and resumed at this much
     max_stream_buffer: int = 16 << 20  # a writer that ignores the pause loses its stream here
     max_paused_output: int = 1 << 20  # control frames queued for a peer that does not read
+    max_queued_opens: int = 4096  # opens waiting for a stream to end, past the peer's limit
     ping_interval: float = attrs.field(default=5.0, validator=_between(0.1, 3600))
     missed_pings: int = attrs.field(default=3, validator=_between(1, 100))  # silent intervals before closing
     drain_time: float = 30.0  # how long open streams may finish after drain()
@@ -260,6 +262,7 @@ class MuxLink(Protocol):
         self.bytes_sent = 0
         self._conn = _H2Connection(H2Configuration(client_side=dialer, header_encoding=None))
         self._opening: Dict[int, Tuple[Protocol, Deferred]] = {}
+        self._queued: Deque[Tuple[str, str, Protocol, Mapping[str, str], Deferred]] = deque()
         self._answering: Dict[int, Deferred] = {}  # responders not done yet
         self._sending: Dict[int, MuxStream] = {}  # streams with bytes or END_STREAM to frame
         self._control_stream: Optional[MuxStream] = None
@@ -345,6 +348,7 @@ class MuxLink(Protocol):
         lost = Failure(ConnectionLost(f"the link with {self.peer.peer} closed: {self.reason}"))
         for stream in list(self.streams.values()):
             stream.finish(lost, now=True)
+        self._fail_queued(StreamRefused(f"the link with {self.peer.peer} closed: {self.reason}", "LINK_CLOSED"))
         if self.dialer and not self.ready.called:
             self.ready.errback(lost)
         self.closed.callback(self)
@@ -372,9 +376,7 @@ class MuxLink(Protocol):
             stream_id = self._conn.get_next_available_stream_id()
             self._conn.send_headers(stream_id, fields)
         except TooManyStreamsError:
-            return fail(StreamRefused(
-                f"{self.peer.peer} takes {self._conn.remote_settings.max_concurrent_streams} streams at once "
-                "on a link", "TOO_MANY_STREAMS"))
+            return self._queue_open(kind, target, protocol, headers)
         except NoAvailableStreamIDError:
             self.drain()  # a new link takes over
             return fail(StreamRefused(f"the link with {self.peer.peer} has used all its stream IDs", "DRAINING"))
@@ -384,6 +386,29 @@ class MuxLink(Protocol):
         self._opening[stream_id] = (protocol, opened)
         self._flush()
         return opened
+
+    def _queue_open(self, kind: str, target: str, protocol: Protocol, headers: Mapping[str, str]) -> Deferred:
+        """The peer's stream limit is reached: the open waits for a stream to end, in turn
+        (``max_queued_opens`` at most)."""
+        if len(self._queued) >= self.settings.max_queued_opens:
+            return fail(StreamRefused(
+                f"{self.peer.peer} takes {self._conn.remote_settings.max_concurrent_streams} streams at once on a "
+                f"link and {self.settings.max_queued_opens} more wait already", "TOO_MANY_STREAMS"))
+        waiting: Deferred = Deferred(lambda d: self._queued.remove(entry))
+        entry = (kind, target, protocol, headers, waiting)
+        self._queued.append(entry)
+        return waiting
+
+    def _fail_queued(self, error: StreamRefused) -> None:
+        queued, self._queued = self._queued, deque()
+        for entry in queued:
+            entry[-1].errback(error)
+
+    def _open_queued(self) -> None:
+        """A stream ended: the first queued open goes now (it queues again if the slot is not free)."""
+        if self._queued:
+            kind, target, protocol, headers, waiting = self._queued.popleft()
+            self.open(kind, target, protocol, headers).chainDeferred(waiting)
 
     def _cancel_open(self, stream: MuxStream) -> None:
         if self._opening.pop(stream.stream_id, None) is not None:
@@ -523,6 +548,8 @@ class MuxLink(Protocol):
         opening = self._opening.pop(stream_id, None)
         if opening is not None:
             opening[1].errback(StreamRefused(f"the link with {self.peer.peer} closed: {self.reason}", "LINK_CLOSED"))
+        if self._queued and not self._gone:
+            self._open_queued()
         if stream is self._control_stream and not self._gone:
             self.close("the control stream ended")
         elif self.draining:
@@ -717,6 +744,7 @@ class MuxLink(Protocol):
         self.closed.addBoth(passed)
         if not self.draining and not self._gone:
             self.draining = True
+            self._fail_queued(StreamRefused(f"the link with {self.peer.peer} is closing", "DRAINING"))
             self._conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 0})
             self._flush()
             wait = self.settings.drain_time if timeout is None else timeout
