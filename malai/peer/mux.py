@@ -136,7 +136,7 @@ def _between(low: float, high: float):
 class MuxSettings:
     """The link's limits. Windows and frame size are chosen by bench/mux_link.py."""
 
-    max_concurrent_streams: int = attrs.field(default=1000, validator=_between(1, 1 << 20))  # the peer's, to us
+    max_concurrent_streams: int = attrs.field(default=4096, validator=_between(1, 1 << 20))  # the peer's, to us
     stream_window: int = attrs.field(default=1 << 20, validator=_between(65535, (1 << 31) - 1))  # in flight
     link_window: int = attrs.field(default=32 << 20, validator=_between(65535, (1 << 31) - 1))  # all streams
     max_frame_size: int = attrs.field(default=1 << 16, validator=_between(1 << 14, (1 << 24) - 1))
