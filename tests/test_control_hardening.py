@@ -364,8 +364,8 @@ class SessionLimitTests(TestCase):
         from malai.control.server import ControlFactory
 
         class Root:
-            class streams:
-                take = staticmethod(lambda identity, peer: Deferred())  # a link that is still dialed
+            class pool:
+                open = staticmethod(lambda *args: Deferred())  # a link that is still dialed
 
             def cluster(self, alias):
                 class Cluster:

@@ -15,7 +15,7 @@ from malai.p2p.dial import AddressBook, Dialer, DialError
 from malai.p2p.link import WrongPeer, server_factory
 from malai.p2p.tls import ALPN, PeerTLS, make_certificate
 from malai.peer.commands import IncompatibleVersion, Ping
-from malai.peer.links import LinkPool
+from malai.peer.links import LinkPool, link_factory
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 
 
@@ -28,7 +28,7 @@ class Server:
         self.seen = []
         self.routed = defer.Deferred()
         self.links = []
-        self.amp = PeerAMPFactory(hello, dialer=False)
+        self.factory = link_factory(PeerAMPFactory(hello, dialer=False))
         self.tls = PeerTLS(identities)
         self.testcase = testcase
         self.listen(port)
@@ -39,7 +39,7 @@ class Server:
             self.routed.callback(addr)
         if addr.peer not in self.allowed:
             return None
-        link = self.amp.buildProtocol(addr)
+        link = self.factory.buildProtocol(addr)
         self.links.append(link)
         return link
 
@@ -50,7 +50,7 @@ class Server:
 
     def stop(self):
         for link in self.links:
-            if link.transport is not None:
+            if not link.closed.called:
                 link.transport.abortConnection()
         self.links = []
         return self.port.stopListening()
@@ -61,7 +61,7 @@ class LinkTests(TestCase):
         self.client = Identity.generate()
         self.server = Identity.generate()
         self.dialer = Dialer(reactor, PeerTLS(), AddressBook(), timeout=5)
-        self.pool = LinkPool(self.dialer, PeerAMPFactory(HelloInfo(), dialer=True))
+        self.pool = LinkPool(self.dialer, link_factory(PeerAMPFactory(HelloInfo(), dialer=True)))
         self.addCleanup(lambda: self.pool.close())
 
     @defer.inlineCallbacks
@@ -220,10 +220,11 @@ class LinkTests(TestCase):
     def test_hello_version_mismatch_refused_both_sides(self):
         server = Server(self, [self.server], [self.client.id52], hello=HelloInfo(protocol=99))
         e = yield self.assertFailure(self.pool.get(self.client, self.server.id52, [server.addr]), IncompatibleVersion)
-        self.assertIn("the peer speaks version 99, this side 1", str(e))
+        self.assertIn("the peer speaks version 99, this side 2", str(e))
         [link] = server.links
-        e = yield self.assertFailure(link.ready, IncompatibleVersion)
-        self.assertIn("the peer speaks version 1, this side 99", str(e))
+        yield link.ready
+        e = yield self.assertFailure(link.control.ready, IncompatibleVersion)
+        self.assertIn("the peer speaks version 2, this side 99", str(e))
         yield link.closed
 
 

@@ -15,8 +15,7 @@ from malai.control.server import ControlProtocol
 from malai.home import Home
 from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.tls import PeerTLS
-from malai.peer.links import LinkPool
-from malai.peer.mux import MuxLinkFactory
+from malai.peer.links import LinkPool, link_factory
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from malai.peer.relaying import relay_endpoint
 from malai.services.cluster import ClusterService
@@ -33,8 +32,7 @@ class DirectContext:
         self.book = AddressBook()
         self.dialer = Dialer(reactor, self.tls, self.book)
         # streams go one way: this process answers none the machine opens
-        self.pool = LinkPool(self.dialer, MuxLinkFactory(True, control=PeerAMPFactory(self.hello, dialer=True).buildProtocol,
-                                                         clock=reactor))
+        self.pool = LinkPool(self.dialer, link_factory(PeerAMPFactory(self.hello, dialer=True), clock=reactor))
         self.dialer.kinds["relay"] = relay_endpoint(
             lambda local, relay: self.pool.get(local, relay, self.dialer.direct_hints(relay)))
         self.clusters = {}

@@ -18,12 +18,20 @@ from twisted.logger import Logger
 
 from malai.identity import Identity
 from malai.p2p.dial import Dialer
-from malai.peer.mux import MuxLink, MuxLinkFactory
+from malai.peer.mux import MuxLink, MuxLinkFactory, MuxSettings, Responder
+from malai.peer.protocol import PeerAMPFactory
 from malai.peer.streams import StreamRefused
 
-__all__ = ["LinkPool", "dial_ready", "hello_of"]
+__all__ = ["LinkPool", "dial_ready", "hello_of", "link_factory"]
 
 Key = Tuple[str, str]
+
+
+def link_factory(commands: PeerAMPFactory, streams: Optional[Responder] = None, settings: MuxSettings = MuxSettings(),
+                 clock=None) -> MuxLinkFactory:
+    """Links of one side (``commands.dialer``): AMP by ``commands`` on the control stream,
+    the peer's streams answered by ``streams`` (none taken without it)."""
+    return MuxLinkFactory(commands.dialer, streams, commands.buildProtocol, settings, clock)
 
 
 def dial_ready(dialer: Dialer, local: Identity, peer: str, factory: MuxLinkFactory,

@@ -15,7 +15,8 @@ link serves every stream between caller and target.
 from typing import Callable, Optional, Set
 
 import attrs
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks
+from twisted.internet.defer import TimeoutError as NoAnswer
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -110,16 +111,24 @@ class Relayer:
         self._pending: Set[_Relayed] = set()
         self._active: Set[_Relayed] = set()
         self.total = 0
-        self.bytes = 0
+        self._bytes_ended = 0  # carried by relayed links that ended
 
     @property
     def active(self) -> int:
         return len(self._active)
 
+    @property
+    def bytes(self) -> int:
+        """Bytes carried, both ways, by every relayed link so far (open ones too: one may last for days)."""
+        return self._bytes_ended + sum(relayed.carried() for relayed in self._active)
+
     def open(self, link_to_target: MuxLink, caller: str, target: str) -> Deferred:
         """Fire with the caller's end of a splice once ``target`` took its stream
         (fail with ``StreamRefused`` else)."""
-        self._check_quota(caller)
+        try:
+            self._check_quota(caller)
+        except StreamRefused as e:
+            return fail(e)
         caller_end, target_end, _ = splice_pair()
         relayed = _Relayed(caller, target, caller_end, target_end)
         self._pending.add(relayed)
@@ -139,7 +148,14 @@ class Relayer:
 
     def _not_taken(self, failure, relayed: _Relayed):
         self._pending.discard(relayed)
-        why = failure.value.reason if failure.check(StreamRefused) else failure.getErrorMessage() or "no answer"
+        if failure.check(StreamRefused):
+            why = failure.value.reason
+        elif failure.check(NoAnswer):
+            why = f"no answer within {ATTACH_TIMEOUT:g}s"
+        elif failure.check(CancelledError):
+            why = "the caller gave up"
+        else:
+            why = failure.getErrorMessage() or "no answer"
         raise StreamRefused(f"{relayed.target} did not take the relayed link: {why}", "RELAY_REFUSED")
 
     def _check_quota(self, caller: str) -> None:
@@ -181,7 +197,7 @@ class Relayer:
         if relayed in self._active:
             self._active.remove(relayed)
             relayed.stop_timer()
-            self.bytes += relayed.carried()
+            self._bytes_ended += relayed.carried()
 
     def summary(self) -> dict:
         return {"active": self.active, "total": self.total, "bytes": self.bytes}

@@ -21,8 +21,8 @@ from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.link import PeerAddress, server_factory
 from malai.p2p.tls import PeerTLS
 from malai.peer.http_proxy import UpstreamPool
-from malai.peer.links import LinkPool, hello_of
-from malai.peer.mux import MuxLink, MuxLinkFactory
+from malai.peer.links import LinkPool, hello_of, link_factory
+from malai.peer.mux import MuxLink
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from malai.peer.relaying import Relayer, relay_endpoint
 from malai.peer.streams import StreamRefused, StreamRequest
@@ -56,8 +56,7 @@ class MalaiService(MultiService):
         self.hello = HelloInfo()
         self._commands = [PeerAMPFactory(self.hello, dialer, responder=self._responder, idle_timeout=IDLE_TIMEOUT,
                                          clock=reactor) for dialer in (True, False)]
-        dialing, accepting = (MuxLinkFactory(c.dialer, self._answer_stream, c.buildProtocol, clock=reactor)
-                              for c in self._commands)
+        dialing, accepting = (link_factory(c, self._answer_stream, clock=reactor) for c in self._commands)
         self.pool = LinkPool(self.dialer, dialing)
         self._accepted = accepting
         self.http_upstreams = UpstreamPool(reactor)
@@ -170,7 +169,7 @@ class MalaiService(MultiService):
         return out
 
     def _abort_links(self) -> None:
-        links = [link for link in self.pool.links() if link.transport is not None]
+        links = [link for link in self.pool.links() if not link.closed.called]
         self.log.warn("aborting {count} links still open after {timeout:g}s", count=len(links),
                       timeout=self.stop_timeout)
         for link in links:
