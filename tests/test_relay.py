@@ -17,9 +17,9 @@ from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.link import connect_verified, server_factory
 from malai.p2p.tls import PeerTLS
 from malai.peer import splice
-from malai.peer.commands import RelayAttach, RelayOpen, RelayRequest
-from malai.peer.protocol import HelloInfo, PeerAMPFactory
-from malai.peer.relaying import Relayer, attach, relay_endpoint
+from malai.peer.mux import MuxLinkFactory
+from malai.peer.relaying import Relayer, relay_endpoint
+from malai.peer.streams import StreamRefused
 from tests.helpers import MALAI, DaemonHome, wait_for
 
 MARKER = b"plaintext-marker-7f3a9c"
@@ -110,12 +110,14 @@ class RelayEndToEnd(TestCase):
         self.assertIn(f"via relay:{ids['relay01']} (relayed)", out)  # the member relay comes before the manager
         out = laptop.ok("ping", "web01.company", "--addr", f"relay:{cm_id52}")
         self.assertIn(f"via relay:{cm_id52}", out)
-        if redis is not None:
+        if redis is not None:  # a forwarded service: a stream of the same relayed link
+            before = relay.status()["relay_bytes"]
             laptop.ok("service", "add", "tcp", "redis", "127.0.0.1:6390", "redis.web01.company")
             self.assertEqual(hub.run("redis-cli", "-p", "6390", "SET", "k", MARKER.decode()).stdout.strip(), "OK")
             self.assertEqual(hub.run("redis-cli", "-p", "6390", "GET", "k").stdout.strip(), MARKER.decode())
+            self.assertGreater(relay.status()["relay_bytes"], before)  # it went through relay01
         member, manager = relay.status(), cm.status()
-        self.assertGreaterEqual(member["relay_total"], 2 if redis is not None else 1)
+        self.assertEqual(member["relay_total"], 1)  # one relayed link carried every stream laptop → web01
         self.assertGreater(member["relay_bytes"], 0)
         self.assertGreaterEqual(manager["relay_total"], 1)
         paths = {link["peer"]: link["path"] for link in laptop.status()["clusters"][0]["peer_links"]}
@@ -139,16 +141,12 @@ class _Collect(protocol.Protocol):
 
 
 class RelayCarriesCiphertext(TestCase):
-    """Caller, relay and target in this process, over real TLS on loopback."""
+    """Caller, relay and target in this process, over real TLS on loopback, each link a ``MuxLink``."""
 
     @defer.inlineCallbacks
     def test_relay_never_holds_the_plaintext(self):
-        from twisted.protocols import amp
-
         caller, relay, target = (Identity.generate() for _ in range(3))
-        hello = HelloInfo()
         relayer = Relayer(reactor)
-        target_links = {}
         carried = []
         original = splice.Splice.dataReceived
 
@@ -158,71 +156,66 @@ class RelayCarriesCiphertext(TestCase):
 
         self.patch(splice.Splice, "dataReceived", recording)
 
-        class RelaySide(amp.CommandLocator):
-            def __init__(self, peer):
-                self.peer = peer
+        # the relay: answers a member's ``relay`` stream by splicing it onto a ``relayed``
+        # stream on the link its target keeps here
+        at_relay = {}  # peer ID52 → the relay's side of its link
 
-            @RelayOpen.responder
-            def open(self, target):
-                return relayer.open(target_links[target], self.peer.peer, target)
+        def relay_streams(request):
+            if request.kind != "relay":
+                raise StreamRefused("relay streams only", "BAD_REQUEST")
+            return relayer.open(at_relay[request.target], request.peer.peer, request.target)
 
-            @RelayAttach.responder
-            def attach_(self, token):
-                return relayer.attach(token, self.peer.peer)
-
-        relay_tls = PeerTLS([relay])
-        relay_amp = PeerAMPFactory(hello, dialer=False, responder=RelaySide)
-        accepted = []
+        relay_links = MuxLinkFactory(False, relay_streams)
 
         def route(addr):
-            link = relay_amp.buildProtocol(addr)
-            accepted.append(link)
+            link = at_relay[addr.peer] = relay_links.buildProtocol(addr)
             return link
 
-        port = reactor.listenTCP(0, server_factory(relay_tls, route), interface="127.0.0.1")
+        port = reactor.listenTCP(0, server_factory(PeerTLS([relay]), route), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         relay_hint = f"tcp:127.0.0.1:{port.getHost().port}"
 
-        # the target: keeps a link to the relay; accepts relayed TLS with an echo protocol
-        target_tls, target_book = PeerTLS([target]), AddressBook()
+        # the target: keeps a link to the relay; a ``relayed`` stream carries a caller's TLS link,
+        # accepted like any link, whose streams echo
+        target_tls = PeerTLS([target])
+        echo_links = MuxLinkFactory(False, lambda request: _Echo())
+        accept = server_factory(target_tls, echo_links.buildProtocol)
+
+        def target_streams(request):
+            if request.kind != "relayed" or request.peer.peer != relay.id52:
+                raise StreamRefused("relayed streams from the relay only", "RELAY_REFUSED")
+            return accept.buildProtocol(None)
+
+        target_book = AddressBook()
         target_book.configure(relay.id52, [relay_hint])
-        target_dialer = Dialer(reactor, target_tls, target_book)
-        accept = server_factory(target_tls, lambda addr: _Echo())
+        kept = yield Dialer(reactor, target_tls, target_book).connect(target, relay.id52,
+                                                                      MuxLinkFactory(True, target_streams))
 
-        class TargetSide(amp.CommandLocator):
-            def __init__(self, peer):
-                self.peer = peer
-
-            @RelayRequest.responder
-            def request(self, token):
-                attach(target_dialer, hello, target, relay.id52, token, accept)
-                return {}
-
-        kept = yield target_dialer.connect(target, relay.id52, PeerAMPFactory(hello, dialer=True,
-                                                                            responder=TargetSide))
-        yield kept.ready
-        [relay_side] = accepted  # the relay's side of the kept link
-        yield relay_side.ready
-        target_links[target.id52] = relay_side
-
+        # the caller: dials the relay, then the target through a ``relay:`` hint
         caller_tls, caller_book = PeerTLS([caller]), AddressBook()
         caller_book.configure(relay.id52, [relay_hint])
         caller_dialer = Dialer(reactor, caller_tls, caller_book)
-        caller_dialer.kinds["relay"] = relay_endpoint(caller_dialer, lambda: hello)
+        to_relay = yield caller_dialer.connect(caller, relay.id52, MuxLinkFactory(True))
+        caller_dialer.kinds["relay"] = relay_endpoint(lambda local, peer: defer.succeed(to_relay))
         endpoint = caller_dialer.endpoint(caller, target.id52, f"relay:{relay.id52}")
-        collect = protocol.Factory.forProtocol(_Collect)
-        proto = yield connect_verified(caller_tls, caller, target.id52, endpoint, collect)
-        proto.transport.write(MARKER * 100)
-        echoed = yield proto.done
-        proto.transport.loseConnection()
+        inner = yield connect_verified(caller_tls, caller, target.id52, endpoint, MuxLinkFactory(True))
+        self.assertEqual(inner.peer.peer, target.id52)  # the target's own key, pinned end to end
+        collect = _Collect()
+        yield inner.open("tcp", "echo", collect)
+        collect.transport.write(MARKER * 100)
+        echoed = yield collect.done
         self.assertEqual(echoed, MARKER * 100)
         through = b"".join(carried)
         self.assertGreater(len(through), len(MARKER) * 200)  # both directions passed the relay's splice…
         self.assertNotIn(MARKER, through)  # …as ciphertext only
-        self.assertEqual(relayer.total, 1)
-        for link in accepted:  # the relay's side of every link: closing it closes the far ends
-            link.transport.abortConnection()
-        yield defer.DeferredList([link.closed for link in accepted] + [kept.closed])
-        yield task.deferLater(reactor, 0.1, lambda: None)
-
-
+        self.assertEqual((relayer.total, relayer.active), (1, 1))
+        inner.close("done")
+        yield inner.closed
+        for _ in range(100):  # the relayed link's end reaches the relay
+            if relayer.active == 0:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(relayer.summary(), {"active": 0, "total": 1, "bytes": len(b"".join(carried))})
+        for link in (to_relay, kept):
+            link.close("done")
+        yield defer.DeferredList([to_relay.closed, kept.closed, *(link.closed for link in at_relay.values())])

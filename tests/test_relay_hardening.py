@@ -11,32 +11,48 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from malai.identity import Identity
 from malai.p2p.dial import MAX_LEARNT, AddressBook, Dialer
 from malai.p2p.link import PeerAddress
 from malai.p2p.tls import PeerTLS
-from malai.peer.commands import RelayOpen, RelayRefused
-from malai.peer.links import dial_ready
+from malai.peer.links import dial_ready, link_factory
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
-from malai.peer.relaying import ATTACH_TIMEOUT, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_PER_CALLER, Relayer
-from malai.peer.responders import ClusterResponder
-from malai.peer.splice import SwitchTo
+from malai.peer.relaying import (
+    ATTACH_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_PENDING_PER_CALLER,
+    MAX_PER_CALLER,
+    Relayer,
+)
+from malai.peer.responders import StreamResponder
+from malai.peer.streams import StreamRefused, StreamRequest
 from tests.helpers import DaemonHome, _Cleanups, free_port, wait_for
 
 
 # -- the relay's bookkeeping, with a clock ----------------------------------------------------------
 class _TargetLink:
-    """The relay's side of the link a target keeps: records the tokens it is asked to attach."""
+    """The relay's side of the link a target keeps: each ``relayed`` stream it is asked to open
+    waits for the test to answer it."""
 
     def __init__(self):
-        self.tokens = []
+        self.opened = []  # (kind, target, protocol, Deferred)
+        self.cancelled = []  # the protocols of streams reset before they opened
 
-    def callRemote(self, command, token):
-        self.tokens.append(token)
-        return defer.Deferred()
+    def open(self, kind, target, protocol, headers=None):
+        d = defer.Deferred(lambda _: self.cancelled.append(protocol))
+        self.opened.append((kind, target, protocol, d))
+        return d
+
+
+class _Transport(StringTransport):
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+        self.loseConnection()
 
 
 class RelayerLimits(SynchronousTestCase):
@@ -49,62 +65,83 @@ class RelayerLimits(SynchronousTestCase):
         return self.relayer.open(self.target, caller, "target")
 
     def splice(self, caller="caller"):
-        """A stream of ``caller`` the target attached: (its caller end, caller's transport, target's transport)."""
+        """A relayed link of ``caller`` its target took: (the caller's end, caller's transport, target's transport)."""
         d = self.open(caller)
-        caller_transport, target_transport = StringTransport(), StringTransport()
-        ends = []
-        d.addCallback(lambda end: (ends.append(end), end.makeConnection(caller_transport)))
-        self.relayer.attach(self.target.tokens[-1], "target").makeConnection(target_transport)
-        return ends[0], caller_transport, target_transport
+        kind, who, target_end, taken = self.target.opened[-1]
+        self.assertEqual((kind, who), ("relayed", caller))  # a ``relayed`` stream naming the caller
+        caller_transport, target_transport = _Transport(), _Transport()
+        target_end.makeConnection(target_transport)  # the link connects the stream's protocol…
+        taken.callback(target_end)  # …then fires
+        caller_end = self.successResultOf(d)
+        caller_end.makeConnection(caller_transport)  # the caller's ``relay`` stream is accepted
+        return caller_end, caller_transport, target_transport
 
-    def test_pending_streams_per_caller(self):
+    def test_pending_links_per_caller(self):
         self.open(), self.open()
-        e = self.assertRaises(RelayRefused, self.open)
-        self.assertIn("wait for their target", str(e))
-        self.assertEqual(len(self.target.tokens), 2)  # the refused one made the target dial nothing
+        e = self.failureResultOf(self.open(), StreamRefused).value
+        self.assertEqual(e.code, "RELAY_REFUSED")
+        self.assertIn("2 of your relayed links wait for their target", e.reason)
+        self.assertEqual(len(self.target.opened), 2)  # the refused one opened nothing on the target's link
         self.open("someone else")  # other callers are not held up
 
-    def test_streams_per_caller(self):
-        streams = [self.splice() for _ in range(4)]
+    def test_links_per_caller(self):
+        links = [self.splice() for _ in range(4)]
         self.assertEqual(self.relayer.active, 4)
-        e = self.assertRaises(RelayRefused, self.open)
-        self.assertIn("4 relayed streams", str(e))
-        streams[0][0].connectionLost(None)  # one ends: its slot is free again
+        e = self.failureResultOf(self.open(), StreamRefused).value
+        self.assertIn("you have 4 relayed links", e.reason)
+        links[0][0].connectionLost(None)  # one ends: its slot is free again
         self.assertEqual(self.relayer.active, 3)
         self.splice()
 
-    def test_all_streams(self):
+    def test_all_links(self):
         for caller in ("a", "a", "b", "b", "c", "c"):
             self.open(caller)
-        self.assertIn("6 streams at most", str(self.assertRaises(RelayRefused, self.open, "d")))
+        e = self.failureResultOf(self.open("d"), StreamRefused).value
+        self.assertIn("this relay carries 6 links at most", e.reason)
 
-    def test_target_that_never_dials_back(self):
+    def test_target_that_never_takes_the_stream(self):
         d = self.open()
         self.clock.advance(ATTACH_TIMEOUT)
-        self.assertIn("did not dial back", str(self.failureResultOf(d, RelayRefused).value))
+        e = self.failureResultOf(d, StreamRefused).value
+        self.assertEqual(e.code, "RELAY_REFUSED")
+        self.assertEqual(e.reason, f"target did not take the relayed link: no answer within {ATTACH_TIMEOUT:g}s")
+        self.assertEqual(len(self.target.cancelled), 1)  # the stream to the target is reset
         self.open(), self.open()  # the caller's pending slots are free again
 
-    def test_target_link_closing(self):
+    def test_target_refuses_or_its_link_closes(self):
+        d = self.open()
+        self.target.opened[-1][3].errback(StreamRefused("only relays may relay to us", "RELAY_REFUSED"))
+        e = self.failureResultOf(d, StreamRefused).value
+        self.assertEqual(e.reason, "target did not take the relayed link: only relays may relay to us")
+
         class Closing:
-            def callRemote(self, command, token):
-                raise amp.ProtocolSwitched("This connection has switched")
+            def open(self, kind, target, protocol, headers=None):
+                return defer.fail(StreamRefused("the link with target is closing", "DRAINING"))
 
         d = self.relayer.open(Closing(), "caller", "target")
-        self.assertIn("did not take the request", str(self.failureResultOf(d, RelayRefused).value))
+        self.assertIn("the link with target is closing", self.failureResultOf(d, StreamRefused).value.reason)
         self.open(), self.open()  # nothing left waiting
-        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # the two waiting for their target
 
-    def test_stream_without_handshake_is_cut(self):
+    def test_caller_giving_up_resets_the_target_stream(self):
+        d = self.open()
+        d.cancel()  # the caller reset its ``relay`` stream
+        self.assertIn("the caller gave up", self.failureResultOf(d, StreamRefused).value.reason)
+        self.assertEqual(len(self.target.cancelled), 1)
+        self.assertFalse(self.clock.getDelayedCalls())
+        self.open(), self.open()
+
+    def test_link_without_handshake_is_cut(self):
         end, caller_transport, target_transport = self.splice()
         self.clock.advance(HANDSHAKE_TIMEOUT - 1)
         self.assertFalse(caller_transport.disconnecting)
         end.dataReceived(b"\x16\x03\x01")  # the caller starts; the target never answers
         self.clock.advance(1)
-        self.assertTrue(caller_transport.disconnecting and target_transport.disconnecting)
+        self.assertTrue(caller_transport.aborted and target_transport.aborted)
         self.assertEqual(self.relayer.active, 0)  # the slot is free at once
         self.splice(), self.splice(), self.splice(), self.splice()
 
-    def test_idle_stream_is_cut(self):
+    def test_idle_link_is_cut(self):
         end, caller_transport, target_transport = self.splice()
         end.dataReceived(b"client hello")
         end.other.dataReceived(b"server hello")
@@ -114,26 +151,29 @@ class RelayerLimits(SynchronousTestCase):
             end.dataReceived(b"x")
             self.clock.advance(1)
         self.assertFalse(caller_transport.disconnecting)
+        self.assertEqual(self.relayer.summary(), {"active": 1, "total": 1, "bytes": 27})  # counted while open
         self.clock.advance(IDLE_TIMEOUT)
-        self.assertTrue(caller_transport.disconnecting and target_transport.disconnecting)
+        self.assertTrue(caller_transport.aborted and target_transport.aborted)
         self.assertEqual(self.relayer.summary(), {"active": 0, "total": 1, "bytes": 27})
         self.assertFalse(self.clock.getDelayedCalls())
 
-    def test_ended_stream_leaves_no_timer(self):
-        end, _, _ = self.splice()
+    def test_ended_link_leaves_no_timer(self):
+        end, _, target_transport = self.splice()
         end.connectionLost(None)
+        self.assertTrue(target_transport.disconnecting)  # the target's end is closed too
         end.other.connectionLost(None)
         self.assertEqual(self.relayer.active, 0)
         self.assertFalse(self.clock.getDelayedCalls())
 
 
 class _Cluster:
-    """What the relay responders ask of a cluster."""
+    """What the stream responder asks of a cluster about relaying."""
 
     name = "company"
 
     def __init__(self, relayer, members):
         self._relayer, self._members = relayer, frozenset(members)
+        self.target = _TargetLink()
 
     def members(self):
         return self._members
@@ -141,36 +181,37 @@ class _Cluster:
     def manager_id52(self):
         return "manager"
 
-    def relayer(self):
-        return self._relayer
-
     def relay_open(self, caller, target):
-        return self._relayer.open(_TargetLink(), caller, target)
+        return self._relayer.open(self.target, caller, target)
 
 
 class RelayResponders(SynchronousTestCase):
     def setUp(self):
         self.relayer = Relayer(Clock())
         self.cluster = _Cluster(self.relayer, {"member", "target"})
+        self.responder = StreamResponder(self.cluster)
 
-    def responder(self, peer):
-        return ClusterResponder(self.cluster, PeerAddress("relay", peer))
+    def ask(self, peer, kind="relay", target="target"):
+        return defer.maybeDeferred(self.responder, StreamRequest(PeerAddress("relay", peer), kind, target))
 
     def test_only_members_and_the_manager_may_open(self):
         for outsider in ("named-in-allow-from", "config-editor"):
-            e = self.assertRaises(RelayRefused, self.responder(outsider).relay_open, "target")
-            self.assertIn("only members", str(e))
-        self.assertEqual(len(self.relayer._pending), 0)
-        self.responder("member").relay_open("target")
-        self.responder("manager").relay_open("target")
+            e = self.failureResultOf(self.ask(outsider), StreamRefused).value
+            self.assertEqual(e.code, "RELAY_REFUSED")
+            self.assertIn("only members", e.reason)
+        self.assertEqual(self.cluster.target.opened, [])  # nothing reached the target
+        self.ask("member")
+        self.ask("manager")
+        self.assertEqual([(kind, caller) for kind, caller, _, _ in self.cluster.target.opened],
+                         [("relayed", "member"), ("relayed", "manager")])
 
-    def test_one_relayed_stream_per_link(self):
-        link = self.responder("member")
-        link.relay_open("target")
-        e = self.assertRaises(RelayRefused, link.relay_open, "target")
-        self.assertIn("already asked", str(e))
-        self.assertRaises(RelayRefused, link.relay_attach, "a-token")
-        self.assertEqual(len(self.relayer._pending), 1)  # the target was asked to dial back once
+    def test_one_link_carries_many_relayed_links_up_to_the_quota(self):
+        """A link carries many streams: the caller's quota, not its links, bounds what it relays."""
+        relayer = Relayer(Clock(), per_caller=3, pending_per_caller=3)
+        self.cluster._relayer = relayer
+        asked = [self.ask("member") for _ in range(4)]
+        self.assertIn("wait for their target", self.failureResultOf(asked[3], StreamRefused).value.reason)
+        self.assertEqual(len(self.cluster.target.opened), 3)
 
 
 # -- addresses from Hello ---------------------------------------------------------------------------
@@ -270,7 +311,7 @@ def daemons() -> _Daemons:
 
 
 class _Silent(Protocol):
-    """A relayed stream that never starts its TLS handshake."""
+    """A relayed link that never starts its TLS handshake."""
 
     def __init__(self):
         self.got = b""
@@ -293,108 +334,128 @@ def _until(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@defer.inlineCallbacks
+def dial(testcase, who: Identity, peer: str, addr: str, advertise=()):
+    """A ready link from ``who`` (this process) to a daemon, closed after the test."""
+    dialer = Dialer(reactor, PeerTLS([who]), AddressBook())
+    link = yield dial_ready(dialer, who, peer, link_factory(PeerAMPFactory(HelloInfo(addrs=tuple(advertise)),
+                                                                        dialer=True)), [addr])
+
+    def close():
+        link.close("the test is over")
+        return link.closed
+
+    testcase.addCleanup(close)
+    return link
+
+
+@defer.inlineCallbacks
+def _open(link, kind: str, target: str):
+    """A ``kind`` stream to ``target`` that never starts TLS: its ``_Silent`` end, or the refusal."""
+    silent = _Silent()
+    try:
+        yield link.open(kind, target, silent)
+    except StreamRefused as e:
+        return e
+    return silent
+
+
 class RelayAbuseEndToEnd(TestCase):
     timeout = 90
 
     def setUp(self):
         self.d = daemons()
-        self.links = []
         wait_for(lambda: status(self.d.cm)["relay_active"] == 0 and status(self.d.relay)["relay_active"] == 0,
                  20, "the relays to carry nothing")
 
-    def tearDown(self):
-        for link in self.links:
-            if link.transport is not None:
-                link.transport.abortConnection()
-        return defer.DeferredList([link.closed for link in self.links])
-
     @defer.inlineCallbacks
-    def dial(self, who: Identity, peer: str, addr: str, advertise=()):
-        dialer = Dialer(reactor, PeerTLS([who]), AddressBook())
-        link = yield dial_ready(dialer, who, peer, PeerAMPFactory(HelloInfo(addrs=tuple(advertise)), dialer=True),
-                                [addr])
-        self.links.append(link)
-        return link
+    def relay_open(self, who: Identity, relay: str, addr: str, target=None):
+        """A ``relay`` stream to web01 (or ``target``) on a new link to ``relay``."""
+        link = yield dial(self, who, relay, addr)
+        return (yield _open(link, "relay", target or self.d.ids["web01"]))
 
-    @defer.inlineCallbacks
-    def relay_open(self, who: Identity, relay: str, addr: str):
-        """A stream to web01 through ``relay`` that never starts TLS: its ``_Silent`` end, or the refusal."""
-        link = yield self.dial(who, relay, addr)
-        silent = _Silent()
-        try:
-            yield link.callRemote(RelayOpen, _protoToSwitchToFactory=SwitchTo(silent), target=self.d.ids["web01"])
-        except RelayRefused as e:
-            return e
-        return silent
+    def assertRefused(self, result, words: str):
+        self.assertIsInstance(result, StreamRefused)
+        self.assertEqual(result.code, "RELAY_REFUSED")
+        self.assertIn(words, result.reason)
 
     @defer.inlineCallbacks
     def test_only_members_may_use_a_relay(self):
         d = self.d
         refused = yield self.relay_open(d.editor, d.cm_id52, d.cm_addr)  # a config editor who is no machine
-        self.assertIsInstance(refused, RelayRefused)
-        self.assertIn("only members", str(refused))
+        self.assertRefused(refused, "only members")
         refused = yield self.relay_open(d.alice, d.ids["relay01"], d.relay_addr)  # named in an allow_from
-        self.assertIsInstance(refused, RelayRefused)
-        self.assertIn("only members", str(refused))
+        self.assertRefused(refused, "only members")
         opened = yield self.relay_open(d.laptop, d.ids["relay01"], d.relay_addr)  # a member may
         self.assertIsInstance(opened, _Silent)
+
+    @defer.inlineCallbacks
+    def test_only_relays_may_open_relayed_streams(self):
+        d = self.d
+        link = yield dial(self, d.laptop, d.ids["web01"], d.web.peer_addr())  # web01 lets laptop in…
+        refused = yield _open(link, "relayed", d.laptop.id52)  # …but not pose as a relay
+        self.assertRefused(refused, "only this cluster's manager or a member with relay = true")
+        self.assertEqual([stream.request.kind for stream in link.streams.values()], ["control"])
+        self.assertTrue(link.accepting)  # a refused stream, not a lost link
+
+    @defer.inlineCallbacks
+    def test_a_relay_relays_only_to_other_members(self):
+        d = self.d
+        link = yield dial(self, d.laptop, d.ids["relay01"], d.relay_addr)
+        self.assertRefused((yield _open(link, "relay", d.alice.id52)), "is not a member of company")
+        self.assertIsInstance((yield _open(link, "relay", d.ids["relay01"])), StreamRefused)  # itself
+        self.assertIsInstance((yield _open(link, "relay", d.ids["web01"])), _Silent)  # the same link, another may
 
     @defer.inlineCallbacks
     def test_quota_per_caller_and_handshake_deadline(self):
         d = self.d
         results = []
-        for _ in range(MAX_PER_CALLER + 8):  # the target dials back for each: one at a time
+        for _ in range(MAX_PER_CALLER + 8):  # a link each: the quota is the caller's, not a link's
             results.append((yield self.relay_open(d.laptop, d.cm_id52, d.cm_addr)))
         opened = [r for r in results if isinstance(r, _Silent)]
-        refused = [r for r in results if isinstance(r, RelayRefused)]
-        self.assertEqual((len(opened), len(refused)), (MAX_PER_CALLER, 8))
-        self.assertIn(f"{MAX_PER_CALLER} relayed streams", str(refused[0]))
+        refused = [r for r in results if isinstance(r, StreamRefused)]
+        self.assertEqual((len(opened), len(refused)), (MAX_PER_CALLER, 8), [str(r) for r in refused[:2]])
+        self.assertRefused(refused[0], f"you have {MAX_PER_CALLER} relayed links")
         yield _until(lambda: all(s.lost.called for s in opened), HANDSHAKE_TIMEOUT + 5,
-                     "the relay to cut streams that never started TLS")
+                     "the relay to cut links that never started TLS")
         self.assertFalse(any(s.got for s in opened))
         wait_for(lambda: status(d.cm)["relay_active"] == 0, 5, "the relay's slots to be free")
 
     @defer.inlineCallbacks
-    def test_one_relayed_stream_per_link(self):
+    def test_relayed_links_beyond_the_quota_on_one_link_are_refused(self):
+        """One link carries many streams, so many relayed links: the caller's quotas bound them."""
         d = self.d
-        link = yield self.dial(d.laptop, d.cm_id52, d.cm_addr)
-        answers = _Silent()
-        link._switchTo(answers)  # from here on this side writes raw boxes and keeps the raw answers
-        target = d.ids["web01"].encode()
-        link.transport.write(b"".join(amp.AmpBox(_ask=b"%d" % i, _command=b"RelayOpen", target=target).serialize()
-                                      for i in range(1, 21)))
-        boxes = []
-
-        def parsed():  # the answers (the manager also pushes laptop its config on this link)
-            got = amp.parseString(answers.got) if answers.got.endswith(b"\x00\x00") else []
-            boxes[:] = [b for b in got if b"_answer" in b or b"_error" in b]
-            return len(boxes) == 20
-
-        yield _until(parsed, 10, "an answer to every RelayOpen")
-        errors = [b for b in boxes if b.get(b"_error_code") == b"RELAY_REFUSED"]
-        self.assertEqual(len(errors), 19)
-        self.assertIn(b"already asked", errors[0][b"_error_description"])
-        self.assertEqual([b[b"_answer"] for b in boxes if b"_answer" in b], [b"1"])
-        self.assertNotIn("refused our attach", d.web_log())  # web01 dialed back once, for the stream it carries
+        link = yield dial(self, d.laptop, d.cm_id52, d.cm_addr)
+        target = d.ids["web01"]
+        burst = yield defer.gatherResults([_open(link, "relay", target)
+                                           for _ in range(MAX_PENDING_PER_CALLER + 4)])  # in one read
+        waiting = [r for r in burst if isinstance(r, StreamRefused)]
+        self.assertEqual(len(waiting), 4)
+        self.assertRefused(waiting[0], f"{MAX_PENDING_PER_CALLER} of your relayed links wait for their target")
+        results = [r for r in burst if isinstance(r, _Silent)]
+        while len(results) < MAX_PER_CALLER + 8:
+            results.append((yield _open(link, "relay", target)))
+        opened = [r for r in results if isinstance(r, _Silent)]
+        refused = [r for r in results if isinstance(r, StreamRefused)]
+        self.assertEqual((len(opened), len(refused)), (MAX_PER_CALLER, 8))
+        for r in refused:
+            self.assertRefused(r, f"you have {MAX_PER_CALLER} relayed links, the most this relay carries")
+        self.assertTrue(link.accepting)  # refused streams, the link stays
+        self.assertEqual(status(d.cm)["relay_active"], MAX_PER_CALLER)
+        yield _until(lambda: all(s.lost.called for s in opened), HANDSHAKE_TIMEOUT + 5,
+                     "the relay to cut links that never started TLS")
+        self.assertNotIn("Traceback", d.web_log())
 
 
 class HelloAddressesEndToEnd(TestCase):
     timeout = 60
-
-    def close(self, link):
-        if link.transport is not None:
-            link.transport.abortConnection()
-        return link.closed
 
     @defer.inlineCallbacks
     def test_foreign_addresses_are_not_stored_or_dialed(self):
         d = daemons()
         closed = [free_port() for _ in range(MAX_LEARNT + 2)]
         advertise = ["169.254.169.254:80", "192.0.2.77:7420"] + [f"127.0.0.1:{p}" for p in closed]
-        dialer = Dialer(reactor, PeerTLS([d.laptop]), AddressBook())
-        link = yield dial_ready(dialer, d.laptop, d.cm_id52,
-                                PeerAMPFactory(HelloInfo(addrs=tuple(advertise)), dialer=True), [d.cm_addr])
-        self.addCleanup(self.close, link)
+        link = yield dial(self, d.laptop, d.cm_id52, d.cm_addr, advertise)
         state = d.cm.root / "clusters" / "company" / "state.json"
 
         def stored():
@@ -402,7 +463,7 @@ class HelloAddressesEndToEnd(TestCase):
 
         yield _until(stored, 10, "the manager to note where laptop listens")
         self.assertEqual(stored(), [f"tcp:127.0.0.1:{p}" for p in closed[:MAX_LEARNT]])
-        link.transport.loseConnection()
+        link.close("done")
         yield link.closed
         wait_for(lambda: "laptop" not in {p["peer"] for p in status(d.cm)["clusters"][0]["peer_links"]}, 10,
                  "the manager to drop the link")
