@@ -6,7 +6,7 @@ Everything runs in a network namespace of its own: a private Tor network on
 127.0.0.1 (tests/tor_network.py), a manager, web01 (a TCP listener and its
 onion service) and the laptop's identity used from this process, which dials
 web01 over one kind of hint at a time. Ping: AMP round trips on the link.
-Throughput: a TCP forward stream (`OpenStream tcp source`) reading N MiB.
+Throughput: a `tcp` stream to the service `source`, reading N MiB.
 """
 
 import argparse
@@ -43,31 +43,20 @@ from twisted.internet.endpoints import clientFromString
 import txtorcon
 from malai.home import Home
 from malai.cli.direct import DirectContext
-from malai.peer.commands import OpenStream
+from malai.peer.links import dial_ready
 from malai.peer.ping import ping
-from malai.peer.protocol import PeerAMPFactory
-from malai.peer.splice import SwitchTo
 
 home, target, control, pings, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 hints = sys.argv[6:]
 
 class Sink(protocol.Protocol):
-    """Relay frames in (malai/frames.py: 1-byte kind, 4-byte length); counts DATA bytes."""
+    """A tcp stream's bytes in; counts them."""
     def __init__(self):
-        self.buf, self.got, self.done = b"", 0, defer.Deferred()
+        self.got, self.done = 0, defer.Deferred()
     def connectionMade(self):
-        from malai import frames
-        self.transport.write(frames.encode(frames.DATA, f"{size}\n".encode()))
+        self.transport.write(f"{size}\n".encode())
     def dataReceived(self, data):
-        from malai import frames
-        self.buf += data
-        while len(self.buf) >= 5:
-            kind, n = self.buf[:1], int.from_bytes(self.buf[1:5], "big")
-            if len(self.buf) < 5 + n:
-                break
-            self.buf = self.buf[5 + n:]
-            if kind == frames.DATA:
-                self.got += n
+        self.got += len(data)
         if self.got >= size and not self.done.called:
             self.done.callback(None)
 
@@ -81,20 +70,16 @@ def main():
     ctx.dialer.kinds["tor"] = via_tor
     svc = ctx.cluster("company")
     for hint in hints:
-        link = yield ctx.dialer.connect(svc.identity, target, PeerAMPFactory(ctx.hello, dialer=True), [hint])
-        yield link.ready
+        link = yield dial_ready(ctx.dialer, svc.identity, target, ctx.pool.factory, [hint])
         rtts = []
         for _ in range(pings):
             rtts.append((yield ping(link)).rtt * 1000)
-        link.transport.loseConnection()
-        link = yield ctx.dialer.connect(svc.identity, target, PeerAMPFactory(ctx.hello, dialer=True), [hint])
-        yield link.ready
         sink = Sink()
         start = time.perf_counter()
-        yield link.callRemote(OpenStream, _protoToSwitchToFactory=SwitchTo(sink), kind="tcp", service="source")
+        yield link.open("tcp", "source", sink)
         yield sink.done
         mbs = size / (time.perf_counter() - start) / 1e6
-        link.transport.loseConnection()
+        link.close("measured")
         print(hint.split(":")[0], statistics.median(rtts), mbs, flush=True)
     reactor.stop()
 

@@ -4,6 +4,7 @@ one log line per offending link, a stop that always stops, a lost manager notice
 Real daemons where the item crosses a process (attacks with raw TLS and TCP sockets);
 Twisted's fakes for the protocol logic and the timers."""
 
+import json
 import os
 import signal
 import socket
@@ -11,12 +12,20 @@ import ssl
 import struct
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, Optional, Set
 
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamEnded, StreamReset
+from h2.exceptions import ProtocolError
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import AlreadyCalledError, CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
@@ -25,11 +34,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from malai.ampbox import decode_box, encode_box
 from malai.identity import Identity
-from malai.p2p.dial import DialError
 from malai.p2p.link import HANDSHAKE_TIMEOUT, MAX_PENDING_PER_SOURCE, PeerAddress, connect_verified, server_factory
 from malai.p2p.tls import ALPN, PeerTLS, make_certificate
-from malai.peer.links import MAX_DIALS_PER_PEER, LinkPool, SpareLinks
-from malai.peer.protocol import MAX_BOX_BYTES, MAX_BOX_KEYS, HelloInfo, PeerAMP
+from malai.peer.commands import PROTOCOL_VERSION
+from malai.peer.links import LinkPool
+from malai.peer.mux import MuxLink, StreamRefused
+from malai.peer.protocol import MAX_BOX_BYTES, MAX_BOX_KEYS, HelloInfo, PeerAMP, PeerAMPFactory
 from malai.services.keeper import RETRY_FIRST, LinkKeeper
 from tests.helpers import DaemonHome, free_port, is_dead, wait_for
 
@@ -49,16 +59,73 @@ def tls_context(identity: Identity, folder: Path) -> ssl.SSLContext:
     return ctx
 
 
+class H2Client:
+    """The dialer's half of a malai/2 link's HTTP/2 framing, sans I/O: ``output()`` is what to
+    send, ``receive(data)`` takes what came. DATA is acknowledged as it arrives (this side
+    always reads) and kept per stream; answers, ends, resets and GOAWAY are recorded."""
+
+    def __init__(self):
+        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.answers: Dict[int, dict] = {}  # stream id -> the HEADERS that answered its open
+        self.data: Dict[int, bytearray] = defaultdict(bytearray)
+        self.ended: Set[int] = set()
+        self.resets: Dict[int, int] = {}
+        self.goaway: Optional[int] = None
+
+    def open(self, kind: bytes, target: bytes = b"", headers=()) -> int:
+        """Send a stream-open HEADERS frame; the new stream's id."""
+        stream_id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream_id, [(b":method", b"CONNECT"), (b":authority", target),
+                                           (b"malai-kind", kind), *headers])
+        return stream_id
+
+    def send_data(self, stream_id: int, data) -> int:
+        """One DATA frame of ``data``, as much as the windows allow: the bytes framed (0: wait)."""
+        window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+        size = min(window, len(data))
+        if size > 0:
+            self.conn.send_data(stream_id, bytes(data[:size]))
+        return size
+
+    def receive(self, data: bytes) -> None:
+        if self.goaway is not None:
+            return  # h2 takes nothing after GOAWAY
+        for event in self.conn.receive_data(data):
+            if isinstance(event, ResponseReceived):
+                self.answers[event.stream_id] = dict(event.headers)
+            elif isinstance(event, DataReceived):
+                self.data[event.stream_id] += event.data
+                if event.flow_controlled_length:
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                self.ended.add(event.stream_id)
+            elif isinstance(event, StreamReset):
+                self.resets[event.stream_id] = event.error_code
+            elif isinstance(event, ConnectionTerminated):
+                self.goaway = event.error_code
+
+    def output(self) -> bytes:
+        return self.conn.data_to_send()
+
+
+def control_stream(client: H2Client) -> int:
+    """Open the dialer's control stream (the first stream, which carries AMP)."""
+    return client.open(b"control")
+
+
 class RawTLS:
-    """A blocking TLS client over memory BIOs: what goes on the wire, record by record, is ours."""
+    """A blocking TLS client over memory BIOs: what goes on the wire, record by record, is ours.
+
+    Unless ``h2`` is false it then speaks the link's HTTP/2 (``H2Client``) and opens the
+    control stream: ``send`` puts AMP bytes on it as DATA, ``box`` reads AMP boxes from it."""
 
     def __init__(self, ctx: ssl.SSLContext, addr: str, server_id52: str, timeout: float = 5.0,
-                 source: str = ""):
+                 source: str = "", h2: bool = True):
         host, _, port = addr.rpartition(":")
         self.sock = socket.create_connection((host, int(port)), timeout=timeout, source_address=(source, 0))
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_id52)
-        self.buffer = bytearray()
         while True:
             try:
                 self.tls.do_handshake()
@@ -67,6 +134,15 @@ class RawTLS:
                 self._flush()
                 self._pull()
         self._flush()
+        self.h2 = H2Client()
+        self.control = 0
+        self.ended = False  # the daemon's close_notify, or the end of the connection, came
+        if h2:
+            self.control = control_stream(self.h2)
+            self._write_h2()
+            answer = self.answer(self.control)
+            if answer.get(b":status") != b"200":
+                raise ConnectionError(f"the control stream was refused: {answer}")
 
     def _flush(self) -> None:
         data = self.outgoing.read()
@@ -76,41 +152,142 @@ class RawTLS:
     def _pull(self) -> None:
         data = self.sock.recv(65536)
         if not data:
+            self.ended = True
             raise ConnectionError("closed by the daemon")
         self.incoming.write(data)
 
-    def send(self, *records: bytes) -> None:
-        """Each argument one TLS record, all in one write."""
-        for record in records:
-            self.tls.write(record)
-        self._flush()
+    def _write_h2(self, flush: bool = True) -> None:
+        """What h2 framed, as one TLS record (more if over 16 KiB)."""
+        data = self.h2.output()
+        if data:
+            self.tls.write(data)
+        if flush:
+            self._flush()
 
-    def box(self) -> dict:
+    def _read(self) -> None:
+        """Wait for what the daemon sends next and hand it to h2 (which may answer: PING, SETTINGS)."""
         while True:
-            decoded = decode_box(bytes(self.buffer))
-            if decoded is not None:
-                box, used = decoded
-                del self.buffer[:used]
-                return box
             try:
-                self.buffer += self.tls.read(65536)
+                data = self.tls.read(65536)
             except ssl.SSLWantReadError:
                 self._flush()
                 self._pull()
+                continue
+            except ssl.SSLZeroReturnError:
+                data = b""
+            if not data:
+                self.ended = True
+                raise ConnectionError("closed by the daemon")
+            break
+        try:
+            self.h2.receive(data)
+        except ProtocolError as e:
+            raise ConnectionError(f"HTTP/2 from the daemon: {e}") from None
+        self._write_h2()
+
+    def _alive(self, stream_id: int) -> None:
+        if self.h2.goaway is not None:
+            raise ConnectionError(f"the daemon sent GOAWAY ({self.h2.goaway})")
+        if stream_id in self.h2.resets:
+            raise ConnectionError(f"the daemon reset stream {stream_id} ({self.h2.resets[stream_id]})")
+
+    def send(self, *records: bytes) -> None:
+        """Each argument DATA on the control stream in TLS records of its own, all in one write
+        unless a window runs short: then read (and ack) until the daemon grants more."""
+        self.send_on(self.control, *records)
+
+    def send_on(self, stream_id: int, *records: bytes) -> None:
+        for record in records:
+            view = memoryview(record)
+            while view:
+                self._alive(stream_id)
+                try:
+                    size = self.h2.send_data(stream_id, view)
+                except ProtocolError as e:  # the stream or the link is closed
+                    raise ConnectionError(f"stream {stream_id}: {e}") from None
+                if size == 0:
+                    self._write_h2()
+                    self._read()
+                view = view[size:]
+            self._write_h2(flush=False)
+        self._flush()
+
+    def open(self, kind: bytes, target: bytes = b"", headers=()) -> int:
+        """Open a stream (sent at once); ``answer`` waits for what the daemon says."""
+        stream_id = self.h2.open(kind, target, headers)
+        self._write_h2()
+        return stream_id
+
+    def answer(self, stream_id: int) -> dict:
+        """The HEADERS answering a stream's open, or ``{b"reset": code}`` if it was reset first."""
+        while stream_id not in self.h2.answers:
+            if stream_id in self.h2.resets:
+                return {b"reset": self.h2.resets[stream_id]}
+            if self.h2.goaway is not None:
+                raise ConnectionError(f"the daemon sent GOAWAY ({self.h2.goaway})")
+            self._read()
+        return self.h2.answers[stream_id]
+
+    def reset(self, stream_id: int, code: int = 0x8) -> None:
+        self.h2.conn.reset_stream(stream_id, code)
+        self._write_h2()
+
+    def box(self) -> dict:
+        """The next AMP box on the control stream."""
+        buffer = self.h2.data[self.control]
+        while True:
+            decoded = decode_box(bytes(buffer))
+            if decoded is not None:
+                box, used = decoded
+                del buffer[:used]
+                return box
+            self._alive(self.control)
+            self._read()
 
     def hello(self) -> dict:
         self.send(hello_box())
         return self.box()
 
+    def ping(self, payload: bytes = b"still here") -> dict:
+        """Ping the daemon on the control stream: its answer (its own commands, a config push, skipped)."""
+        self.send(encode_box({b"_command": b"Ping", b"_ask": b"77", b"payload": payload}))
+        while True:
+            box = self.box()
+            if box.get(b"_answer") == b"77" or box.get(b"_error") == b"77":
+                return box
+
     def closed_by_peer(self, timeout: float = 5.0) -> bool:
-        return closed(self.sock, timeout)
+        """Whether the daemon ends the link within ``timeout``: its TLS close_notify (after a
+        GOAWAY; it then waits for ours, which this client never sends) or the end of the TCP
+        connection."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not self.ended:
+                while True:  # what TLS holds already (a close_notify behind the last GOAWAY), then more
+                    try:
+                        if not self.tls.read(65536):
+                            return True
+                    except ssl.SSLWantReadError:
+                        break
+                    except ssl.SSLZeroReturnError:
+                        return True
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.incoming.write(data)
+            return True
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+        except socket.timeout:
+            return False
 
     def close(self) -> None:
         self.sock.close()
 
 
 def hello_box() -> bytes:
-    return encode_box({b"_command": b"Hello", b"_ask": b"1", b"protocol": b"1", b"features": b"",
+    return encode_box({b"_command": b"Hello", b"_ask": b"1", b"protocol": b"%d" % PROTOCOL_VERSION, b"features": b"",
                        b"version": b"attacker", b"addrs": b""})
 
 
@@ -201,6 +378,8 @@ class BoxLimitTests(TestCase):
         self.assertIn(self.m.mallory.id52, refusals(log)[0])
         self.assertNotIn("Traceback", log)
         self.m.link().close()  # still serving
+        # the daemon said GOAWAY and close_notify; a peer that never answers them is cut off
+        self.assertTrue(closed(raw.sock, 15), "the TCP connection stayed open")
 
     def test_box_of_many_small_keys_closes_the_link(self):
         raw = self.m.link()
@@ -260,6 +439,102 @@ class MalformedBoxTests(TestCase):
         self.assertEqual(len(refusals(log)), 5, "\n".join(refusals(log)))
         self.assertNotIn("Traceback", log)
         self.assertEqual(self.m.home.status()["state"], "RUNNING")
+
+
+def exec_header(**fields) -> list:
+    """The ``malai-exec`` header of a well-formed request for ``id``, with ``fields`` changed."""
+    request = {"argv": ["id"], "tty": False, "term": "xterm", "rows": 24, "cols": 80, **fields}
+    return [(b"malai-exec", json.dumps(request).encode())]
+
+
+class StreamOpenTests(TestCase):
+    """A member with no rights opening streams with forged headers: each stream is refused
+    (``:status`` with ``malai-error`` and ``malai-reason``), the link stays usable, and
+    thousands of them leave nothing behind."""
+
+    FORGED = {
+        "no header": ([], b"400"),
+        "not JSON": ([(b"malai-exec", b"{argv: id")], b"400"),
+        "not an object": ([(b"malai-exec", b'["id"]')], b"400"),
+        "unknown field": (exec_header(user="root"), b"400"),
+        "an int for a bool": (exec_header(tty=1), b"400"),
+        "a bool for an int": (exec_header(rows=True), b"400"),
+        "argv of numbers": (exec_header(argv=[1, 2]), b"400"),
+        "a text timeout": (exec_header(timeout="1"), b"400"),
+        "twice": (exec_header() * 2, b"400"),
+        "over the exec limit": (exec_header(argv=["x" * (49 * 1024)]), b"400"),
+        "over the request limit": (exec_header(argv=["x" * (60 * 1024)]), b"400"),
+        "a NaN timeout": ([(b"malai-exec", exec_header()[0][1][:-1] + b', "timeout": NaN}')], b"400"),
+        "a shell line": (exec_header(line="id; cat /etc/shadow"), b"403"),
+        "a subsystem": (exec_header(subsystem="sftp"), b"403"),
+        "well formed": (exec_header(), b"403"),
+    }
+
+    def test_forged_exec_headers_are_refused_and_the_link_stays_usable(self):
+        m = Manager(self)
+        raw = m.link()
+        for name, (headers, status) in self.FORGED.items():
+            answer = raw.answer(raw.open(b"exec", b"company", headers))
+            self.assertEqual(answer.get(b":status"), status, f"{name}: {answer}")
+            self.assertIn(answer.get(b"malai-error"), (b"BAD_REQUEST", b"NOT_ALLOWED"), name)
+            self.assertTrue(answer.get(b"malai-reason"), name)
+            self.assertLess(len(answer[b"malai-reason"]), 400, name)
+            self.assertEqual(raw.ping()[b"payload"], b"still here", name)  # the link still serves
+        self.assertFalse(raw.closed_by_peer(0.2))
+        log = m.log()
+        self.assertEqual(refusals(log), [])
+        self.assertNotIn("Traceback", log)
+
+    def test_headers_past_the_links_limit_close_that_link_only(self):
+        m = Manager(self)
+        raw = m.link()
+        raw.open(b"exec", b"company", exec_header(argv=["x" * (70 * 1024)]))  # over SETTINGS_MAX_HEADER_LIST_SIZE
+        self.assertTrue(raw.closed_by_peer(), "the link stayed open")
+        wait_for(lambda: refusals(m.log()), what="a log line")
+        [line] = refusals(m.log())
+        self.assertIn(m.mallory.id52, line)
+        self.assertNotIn("Traceback", m.log())
+        self.assertEqual(m.link().ping()[b"payload"], b"still here")
+
+    def test_ten_thousand_refused_or_reset_streams_leave_nothing_behind(self):
+        m = Manager(self)
+        raw = m.link()
+        attacks = [
+            (b"exec", b"company", [(b"malai-exec", b"garbage")]),
+            (b"exec", b"company", exec_header()),
+            (b"nope", b"x", []),
+            (b"tcp", b"mysql", []),
+            (b"relayed", b"y" * 52, []),
+            (b"exec", b"company", exec_header()),  # reset by us at once
+        ]
+        for i in range(600):  # warm up: the daemon's buffers and h2's closed-stream memory fill
+            kind, target, headers = attacks[i % 5]
+            raw.answer(raw.open(kind, target, headers))
+        fds, rss = fd_count(m.pid), rss_kib(m.pid)
+        start, answered = time.monotonic(), 0
+        for batch in range(100):
+            opened = []
+            for i in range(100):
+                which = (batch * 100 + i) % len(attacks)
+                stream_id = raw.open(*attacks[which])
+                if which == len(attacks) - 1:
+                    raw.reset(stream_id)
+                else:
+                    opened.append(stream_id)
+            for stream_id in opened:
+                answer = raw.answer(stream_id)
+                self.assertNotEqual(answer.get(b":status"), b"200", answer)
+                answered += 1
+        elapsed = time.monotonic() - start
+        self.assertEqual(raw.ping()[b"payload"], b"still here")
+        held, grown = fd_count(m.pid) - fds, (rss_kib(m.pid) - rss) // 1024
+        self.assertLessEqual(held, 0, f"the daemon holds {held} more descriptors")
+        self.assertLess(grown, 8, f"the daemon grew by {grown} MB")
+        log = m.log()
+        self.assertEqual(refusals(log), [])
+        self.assertNotIn("Traceback", log)
+        print(f"\n10,000 streams ({answered} refused, the rest reset) in {elapsed:.1f}s; "
+              f"daemon RSS {grown:+d} MB, fds {held:+d}")
 
 
 class StopTests(TestCase):
@@ -397,6 +672,36 @@ def open_link(clock=None) -> tuple:
     return link, transport
 
 
+def accepted_link(responder=None, clock=None) -> SimpleNamespace:
+    """A listener's ``MuxLink`` with its ``PeerAMP`` control stream, on a string transport,
+    dialed by an ``H2Client`` whose control stream is open: ``exchange()`` hands what each
+    side framed to the other until both are quiet."""
+    clock = clock or Clock()
+    control = PeerAMPFactory(HelloInfo(), dialer=False, clock=clock).buildProtocol
+    link = MuxLink(PeerAddress("me", "peer-id52"), dialer=False, responder=responder, control=control,
+                   clock=clock)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    client = H2Client()
+    peer = SimpleNamespace(link=link, client=client, transport=transport, clock=clock,
+                           control=control_stream(client))
+
+    def exchange() -> None:
+        for _ in range(100):
+            out, back = client.output(), transport.value()
+            transport.clear()
+            if out:
+                link.dataReceived(out)
+            if back:
+                client.receive(back)
+            if not (out or back):
+                return
+
+    peer.exchange = exchange
+    exchange()
+    return peer
+
+
 def warnings_in(events) -> list:
     return [e for e in events if e["log_level"] >= LogLevel.warn]
 
@@ -473,15 +778,40 @@ class MalformedBoxUnitTests(SynchronousTestCase):
         clock.advance(1)  # a peer that never completes the close
         self.assertTrue(transport.disconnected)
 
-    def test_closed_fires_when_the_inner_protocol_fails(self):
-        class Broken:
+    def test_closed_fires_when_a_streams_protocol_fails(self):
+        """Pools and shutdown wait for a link's ``closed``: a stream protocol raising as the
+        link is lost ends its stream only."""
+        class Broken(Protocol):
             def connectionLost(self, reason):
                 raise RuntimeError("broken")
 
-        link, _ = open_link()
-        link.innerProtocol = Broken()
-        self.assertRaises(RuntimeError, link.connectionLost, Failure(ConnectionDone()))
-        self.assertIs(self.successResultOf(link.closed), link)
+        peer = accepted_link(responder=lambda request: Broken())
+        stream_id = peer.client.open(b"tcp", b"svc")
+        peer.exchange()
+        self.assertEqual(peer.client.answers[stream_id][b":status"], b"200")
+        peer.link.connectionLost(Failure(ConnectionDone()))
+        self.assertIs(self.successResultOf(peer.link.closed), peer.link)
+        self.assertEqual(peer.link.streams, {})
+        self.assertTrue(peer.link.control.closed.called)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class StreamOpenUnitTests(SynchronousTestCase):
+    def test_a_stream_reset_in_the_read_that_opened_it_is_refused_quietly(self):
+        """Found by fuzzing: a refusal answered a stream h2 already knew reset (HEADERS and
+        RST_STREAM in one read), raised StreamClosedError, logged a traceback and aborted the link."""
+        def refuse(request):
+            raise StreamRefused("no", "NOT_ALLOWED")
+
+        peer = accepted_link(responder=refuse)
+        with capturedLogs() as events:
+            for headers in ([(b"x-a", b"1"), (b"x-a", b"2")], []):  # refused by the link, by the responder
+                stream_id = peer.client.open(b"exec", b"company", headers)
+                peer.client.conn.reset_stream(stream_id, 8)
+                peer.exchange()
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+        self.assertFalse(peer.link._gone)
+        self.assertEqual(list(peer.link.streams), [peer.control])
 
 
 class HandshakeDeadlineUnitTests(SynchronousTestCase):
@@ -519,10 +849,16 @@ class HandshakeDeadlineUnitTests(SynchronousTestCase):
 
 class LostLinkUnitTests(SynchronousTestCase):
     class Link:
-        def __init__(self):
-            self.peer = PeerAddress("me", "manager", hint="tcp:manager:7420")
-            self.innerProtocol = None
+        """What the pool and the keeper use of a ready ``MuxLink``."""
+
+        accepting = True
+        control = SimpleNamespace(peer_hello={}, ready=succeed({}))
+
+        def __init__(self, local="me", peer="manager", dialer=True):
+            self.peer = PeerAddress(local, peer, hint="tcp:manager:7420")
+            self.dialer = dialer
             self.closed = Deferred()
+            self.drained = False  # the pool never drains a link
 
         def callRemote(self, command, payload):
             return succeed({"payload": payload, "version": "test"})
@@ -585,32 +921,43 @@ class CancelledDialUnitTests(SynchronousTestCase):
         self.assertEqual(self.flushLoggedErrors(AlreadyCalledError), [])
 
 
-class StreamDialQueueUnitTests(SynchronousTestCase):
-    """A burst of streams to one peer dials at most MAX_DIALS_PER_PEER links at a time,
-    so it stays under the peer's per-source cap on pending handshakes."""
+class PoolUnitTests(SynchronousTestCase):
+    """One link per pair: a burst shares one dial, simultaneous dials settle on one link."""
 
     class Dialer:
-        def __init__(self, clock):
-            self.reactor, self.timeout, self.dials = clock, 10.0, []
+        def __init__(self):
+            self.dials = []
 
         def connect(self, local, peer, factory, hints=None):
             d = Deferred()
             self.dials.append(d)
             return d
 
-    def test_burst_waits_its_turn_within_the_timeout(self):
-        clock = Clock()
-        dialer = self.Dialer(clock)
-        spares = SpareLinks(dialer, None, spares=0)
+    def test_a_burst_of_streams_shares_one_dial(self):
+        dialer = self.Dialer()
+        pool = LinkPool(dialer, None)
         me = Identity.generate()
-        taken = [spares.take(me, "peer") for _ in range(MAX_DIALS_PER_PEER + 5)]
-        self.assertEqual(len(dialer.dials), MAX_DIALS_PER_PEER)
-        self.assertLess(MAX_DIALS_PER_PEER, MAX_PENDING_PER_SOURCE)
-        link = LostLinkUnitTests.Link()
-        link.ready = succeed({})
-        dialer.dials[0].callback(link)  # one is up: the next may dial
-        self.assertIs(self.successResultOf(taken[0]), link)
-        self.assertEqual(len(dialer.dials), MAX_DIALS_PER_PEER + 1)
-        clock.advance(dialer.timeout)  # the rest waited too long
-        for d in taken[-4:]:
-            self.assertIn("were still being dialed after 10s", str(self.failureResultOf(d, DialError).value))
+        waiting = [pool.get(me, "peer") for _ in range(100)]
+        self.assertEqual(len(dialer.dials), 1)
+        link = LostLinkUnitTests.Link(me.id52, "peer")
+        link.ready = succeed(link)
+        dialer.dials[0].callback(link)
+        self.assertEqual({id(self.successResultOf(d)) for d in waiting}, {id(link)})
+        self.assertIs(self.successResultOf(pool.get(me, "peer")), link)
+        self.assertEqual(len(dialer.dials), 1)
+
+    def test_simultaneous_dials_settle_on_the_smaller_id52s_link_on_both_sides(self):
+        small, large = "a" * 52, "b" * 52
+        Link = LostLinkUnitTests.Link
+        # each side holds the link it dialed and the one it accepted
+        small_side = (Link(small, large, dialer=True), Link(small, large, dialer=False))
+        large_side = (Link(large, small, dialer=False), Link(large, small, dialer=True))
+        for order in [(0, 1), (1, 0)]:
+            kept = []
+            for side in (small_side, large_side):
+                pool = LinkPool(None, None)
+                for i in order:
+                    pool.adopt(side[i])
+                kept.append(pool.current(side[0].peer.local, side[0].peer.peer))
+                self.assertEqual([link.drained for link in side], [False, False])  # the other one idles out
+            self.assertTrue(kept[0].dialer and not kept[1].dialer)  # the link the small side dialed, on both

@@ -4,10 +4,11 @@ whichever side dialed it, shared by AMP commands and every byte stream.
 A link is *ready* once its control stream is open and both sides said ``Hello``
 (``PeerAMP.ready``). ``get`` hands out the ready link of a pair, sharing a dial
 in flight; ``adopt`` takes links the peer dialed, so a machine behind NAT is
-reached over the link it keeps. When both sides dial at once, each ends up
-with two links for the pair: both keep the one dialed by the side with the
-smaller ID52 and drain the other (its open streams finish, no new ones start),
-so they settle on the same link without a message.
+reached over the link it keeps. When a pair has two links (both sides dialed
+at once, or two processes of one identity each dialed), both sides use the
+one dialed by the side with the smaller ID52, so they settle on the same link
+without a message; the other is left to whoever holds it and closes once idle
+(``PeerAMP``'s idle timeout: no command and no stream).
 """
 
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -96,16 +97,11 @@ class LinkPool:
 
     def adopt(self, link: MuxLink) -> MuxLink:
         """Make ``link`` (ready) the one of its pair, unless the pair has a link that wins
-        over it; the loser drains. Returns the link kept."""
+        over it. Returns the link used from now on."""
         key = (link.peer.local, link.peer.peer)
         current = self._links.get(key)
-        if current is link:
-            return link
-        if _usable(current):
-            winner, loser = (current, link) if _wins(current, link) else (link, current)
-            loser.drain()
-            if winner is current:
-                return current
+        if current is link or (_usable(current) and _wins(current, link)):
+            return current
         self._links[key] = link
         link.closed.addCallback(self._closed, key)
         return link

@@ -125,6 +125,7 @@ _RESERVED = frozenset({"malai-kind", "malai-error", "malai-reason"})
 MAX_TARGET = 1024
 MAX_REQUEST = 56 * 1024  # what a request's headers may hold (an exec request's argv); the peer accepts more
 MAX_REASON = 300
+ANSWERS_PER_TURN = 16  # new streams given to the responder in one reactor turn
 _STATUS = {"BAD_REQUEST": b"400", "NOT_ALLOWED": b"403", "INTERNAL": b"500", "DRAINING": b"503"}
 
 
@@ -263,6 +264,8 @@ class MuxLink(Protocol):
         self._conn = _H2Connection(H2Configuration(client_side=dialer, header_encoding=None))
         self._opening: Dict[int, Tuple[Protocol, Deferred]] = {}
         self._queued: Deque[Tuple[str, str, Protocol, Mapping[str, str], Deferred]] = deque()
+        self._unanswered: Deque[MuxStream] = deque()  # opened by the peer, not yet given to the responder
+        self._answer_call = None
         self._answering: Dict[int, Deferred] = {}  # responders not done yet
         self._sending: Dict[int, MuxStream] = {}  # streams with bytes or END_STREAM to frame
         self._control_stream: Optional[MuxStream] = None
@@ -273,6 +276,7 @@ class MuxLink(Protocol):
         self._last_heard = 0.0
         self._ping: Optional[Tuple[bytes, float]] = None
         self._pings_sent = 0
+        self._last_chance = False  # the deadline passed: one more reactor turn to read before closing
         self._timer = None
         self._drain_timer = None
         self._abort_timer = None
@@ -340,7 +344,7 @@ class MuxLink(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._gone = True
-        for timer in (self._timer, self._drain_timer, self._abort_timer):
+        for timer in (self._timer, self._drain_timer, self._abort_timer, self._answer_call):
             if timer is not None and timer.active():
                 timer.cancel()
         if self.reason is None:
@@ -470,9 +474,24 @@ class MuxLink(Protocol):
         elif self.responder is None:
             self._refuse(stream, "NOT_ALLOWED", f"this side takes no {kind} streams")
         else:
+            self._unanswered.append(stream)
+            if self._answer_call is None:
+                self._answer_call = self.clock.callLater(0, self._answer_some)
+
+    def _answer_some(self) -> None:
+        """Ask the responder about up to ``ANSWERS_PER_TURN`` new streams, the rest in later
+        reactor turns: a burst of opens (each may spawn a process) never keeps the link
+        from reading, nor from answering PINGs, for long."""
+        self._answer_call = None
+        for _ in range(min(ANSWERS_PER_TURN, len(self._unanswered))):
+            stream = self._unanswered.popleft()
+            if stream.ended or self._gone:
+                continue
             answer = maybeDeferred(self.responder, stream.request)
-            self._answering[stream_id] = answer
+            self._answering[stream.stream_id] = answer
             answer.addBoth(self._answered, stream)
+        if self._unanswered and not self._gone:
+            self._answer_call = self.clock.callLater(0, self._answer_some)
 
     def _answered(self, result, stream: MuxStream) -> None:
         self._answering.pop(stream.stream_id, None)
@@ -717,6 +736,13 @@ class MuxLink(Protocol):
         s = self.settings
         now = self.clock.seconds()
         deadline = self._last_heard + s.ping_interval * s.missed_pings
+        if now >= deadline and not self._last_chance:
+            # What the peer sent may be waiting unread because this reactor was the slow one:
+            # read it (one reactor turn) before deciding.
+            self._last_chance = True
+            self._timer = self.clock.callLater(0, self._tick)
+            return
+        self._last_chance = False
         if now >= deadline:
             self._timer = None
             self.reason = f"no answer for {now - self._last_heard:.0f} s"
