@@ -9,13 +9,16 @@ runs N per format, with the figures in ``docs/security.md``.
 """
 
 import hashlib
+import json
 import os
 import struct
 
 import h11
+from h2.exceptions import ProtocolError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
@@ -32,14 +35,17 @@ from malai.config.machine import parse_machine_config
 from malai.config.models import HttpService
 from malai.errors import MalaiError
 from malai.peer import proxy_header
+from malai.peer.commands import PROTOCOL_VERSION
 from malai.peer.http_proxy import HttpSession
 from malai.peer.protocol import MAX_BOX_BYTES
 from malai.peer.relay import Relay
+from malai.peer.responders import StreamResponder
+from malai.peer.streams import StreamRefused
 from malai.services.http_front import _FrontFactory
 
 from .helpers import KEYS, cluster_text
 from .test_http_hardening import CALLER, FakeAudit, FakePool, caller_bytes
-from .test_link_hardening import open_link
+from .test_link_hardening import accepted_link
 from .test_relay_unit import HalfCloseTransport
 
 EXAMPLES = int(os.environ.get("MALAI_FUZZ", "300"))
@@ -64,7 +70,7 @@ def feed(receive, transport, data: bytes, cuts: list) -> None:
 
 def _frame() -> st.SearchStrategy:
     kinds = st.sampled_from([frames.STDIN, frames.EOF, frames.STDOUT, frames.STDERR, frames.SIGNAL,
-                             frames.WINSIZE, frames.EXIT, frames.ERROR, frames.DATA, b"?", b"\x00"])
+                             frames.WINSIZE, frames.EXIT, frames.ERROR, b"d", b"?", b"\x00"])
     return st.builds(frames.encode, kinds, st.binary(max_size=64))
 
 
@@ -94,17 +100,26 @@ class FrameFuzz(SynchronousTestCase):
 
 
 class RelayFuzz(SynchronousTestCase):
-    """Relay frames from a peer: bytes reach the plain side, or the stream ends; nothing raises."""
+    """A relayed stream's bytes, in any pieces, then its end (or a cut): every byte reaches the
+    plain side as sent, an end half-closes it, nothing raises."""
 
-    @given(frame_streams, st.lists(st.integers(0, 1 << 16), max_size=6))
-    def test_relay_frames(self, data, cuts):
+    @given(st.binary(max_size=300), st.lists(st.integers(0, 1 << 10), max_size=6), st.booleans(),
+           st.sampled_from([None, ConnectionDone, ConnectionError]))
+    def test_relayed_bytes(self, data, cuts, end, lost):
         relay = Relay("fuzz")
         plain, link = HalfCloseTransport(), HalfCloseTransport()
-        relay.plain.makeConnection(plain)
-        relay.link.makeConnection(link)
-        feed(relay.link.dataReceived, link, data, cuts)
-        relay.link.connectionLost(Failure(ConnectionError("fuzz")))
-        relay.plain.connectionLost(Failure(ConnectionError("fuzz")))
+        with capturedLogs() as events:
+            relay.plain.makeConnection(plain)
+            relay.link.makeConnection(link)
+            feed(relay.link.dataReceived, link, data, cuts)
+            if end:
+                relay.link.readConnectionLost()
+            if lost is not None:
+                relay.link.connectionLost(Failure(lost("fuzz")))
+            relay.plain.connectionLost(Failure(ConnectionDone("fuzz")))
+        self.assertEqual([e for e in events if e.get("log_failure")], [])
+        self.assertEqual(plain.value(), data)
+        self.assertEqual(plain.write_closed, end)
 
 
 class ProxyHeaderFuzz(SynchronousTestCase):
@@ -205,17 +220,19 @@ class EnvelopeFuzz(SynchronousTestCase):
         self.assertIsNotNone(altered.problem(self.manager.id52, self.machine))
 
 
-# -- AMP boxes on a peer link -------------------------------------------------------------------
+# -- AMP boxes and stream opens on a peer link (HTTP/2) -------------------------------------------
 
-COMMANDS = [b"Hello", b"Ping", b"PushConfig", b"GetConfig", b"PutConfig", b"ConfigHistory", b"OpenExec",
-            b"OpenStream", b"RelayOpen", b"RelayRequest", b"RelayAttach", b"Nope", b""]
+COMMANDS = [b"Hello", b"Ping", b"PushConfig", b"GetConfig", b"PutConfig", b"ConfigHistory",
+            b"OpenExec",  # a command of protocol 1: unknown now
+            b"Nope", b""]
 KEYS_ = [b"_command", b"_ask", b"_answer", b"_error", b"_error_code", b"_error_description", b"protocol",
-         b"features", b"version", b"addrs", b"payload", b"argv", b"timeout", b"rows", b"body", b"target"]
+         b"features", b"version", b"addrs", b"payload", b"cluster", b"machine", b"sha256", b"signature",
+         b"body", b"body.0", b"base", b"force"]
 
 
 def _box() -> st.SearchStrategy:
     """A box that is mostly well formed: a command, keys it may carry, values of any bytes."""
-    values = st.one_of(st.binary(max_size=40), st.sampled_from([b"1", b"-1", b"nan", b"True", b"\x00\x00",
+    values = st.one_of(st.binary(max_size=40), st.sampled_from([b"1", b"2", b"-1", b"nan", b"True", b"\x00\x00",
                                                                b"9" * 30]))
     return st.builds(lambda command, fields: {b"_command": command, b"_ask": b"1", **fields},
                      st.sampled_from(COMMANDS), st.dictionaries(st.sampled_from(KEYS_), values, max_size=6))
@@ -225,26 +242,142 @@ def _wire(box: dict) -> bytes:
     return ampbox.encode_box(box)
 
 
+HELLO = _wire({b"_command": b"Hello", b"_ask": b"h", b"protocol": b"%d" % PROTOCOL_VERSION, b"features": b"",
+               b"version": b"fuzz", b"addrs": b""})
 box_streams = st.lists(st.one_of(_box().map(_wire), st.binary(max_size=60)), min_size=1, max_size=6).map(b"".join)
 
 
-class PeerBoxFuzz(SynchronousTestCase):
-    """A peer link fed anything: answers, or one warning and the link closed; never a traceback,
-    and never more buffered than a box may hold."""
+def boxes_in(data: bytes) -> list:
+    """The AMP boxes ``data`` holds, whole: AssertionError on a partial or broken one."""
+    boxes = []
+    while data:
+        decoded = ampbox.decode_box(data)
+        assert decoded is not None, data[:60]
+        boxes.append(decoded[0])
+        data = data[decoded[1]:]
+    return boxes
 
-    @given(box_streams, st.lists(st.integers(0, 1 << 12), max_size=4))
-    def test_boxes(self, data, cuts):
-        clock = Clock()
-        link, transport = open_link(clock)
-        link.ready.addErrback(lambda f: None)  # as the daemon does: a refused Hello logs itself
+
+def no_tracebacks(testcase, events) -> None:
+    testcase.assertEqual([e for e in events if e.get("log_failure")], [])
+    testcase.assertEqual(testcase.flushLoggedErrors(), [])
+
+
+class PeerBoxFuzz(SynchronousTestCase):
+    """The control stream of an accepted link fed anything, as DATA in any pieces, with or
+    without Hello first: whole answers, or one warning and the link closed; never a
+    traceback, never more buffered than a box may hold, and the link's streams all gone once
+    it is lost."""
+
+    @given(st.booleans(), box_streams, st.lists(st.integers(0, 1 << 12), max_size=4))
+    def test_boxes(self, hello, data, cuts):
+        peer = accepted_link()
+        peer.link.ready.addErrback(lambda f: None)
+        amp = peer.link.control
+        amp.ready.addErrback(lambda f: None)  # as the daemon does: a refused Hello logs itself
         with capturedLogs() as events:
-            feed(link.dataReceived, transport, data, cuts)
-            clock.advance(2)
-            link.connectionLost(Failure(ConnectionError("fuzz")))
-        self.assertEqual([e for e in events if e.get("log_failure")], [])
+            for part in chunks((HELLO if hello else b"") + data, cuts):
+                if peer.link._gone or peer.control in peer.client.resets:
+                    break
+                self.assertEqual(peer.client.send_data(peer.control, part), len(part))  # within the window
+                peer.exchange()
+            peer.clock.advance(2)
+            peer.exchange()
+            peer.link.connectionLost(Failure(ConnectionError("fuzz")))
+            peer.clock.advance(1)
+        no_tracebacks(self, events)
         self.assertLessEqual(len([e for e in events if e["log_level"] >= LogLevel.warn]), 1)
-        self.assertLessEqual(len(link._unprocessed), MAX_BOX_BYTES)
-        self.assertTrue(link.closed.called)
+        self.assertLessEqual(len(amp._unprocessed), MAX_BOX_BYTES)
+        for box in boxes_in(bytes(peer.client.data[peer.control])):
+            self.assertTrue(b"_answer" in box or b"_error" in box or b"_command" in box, box)
+        self.assertTrue(peer.link.closed.called and amp.closed.called)
+        self.assertEqual(peer.link.streams, {})
+
+
+class FakeCluster:
+    """What ``StreamResponder`` asks of a cluster, for a member with no rights on a machine
+    with no config yet: every request is checked, then denied."""
+
+    name = "company"
+    entry = type("Entry", (), {"machine": None})()
+    audit = type("Audit", (), {"record": lambda self, **kw: None})()
+
+    def members(self):
+        return []
+
+    def manager_id52(self):
+        return KEYS["cm"].id52
+
+    def relayed(self, caller, target):
+        raise StreamRefused(f"no relayed link from {target[:60]!r} expected", "RELAY_REFUSED")
+
+
+def _exec_json() -> st.SearchStrategy:
+    """``malai-exec`` values: well-formed requests with fields of any type, and junk."""
+    field_values = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(),
+                             st.text(max_size=20), st.lists(st.one_of(st.text(max_size=8), st.integers()), max_size=4))
+    fields = st.dictionaries(st.sampled_from(["argv", "tty", "term", "rows", "cols", "timeout", "line", "subsystem",
+                                              "user", ""]), field_values, max_size=8)
+    good = st.fixed_dictionaries({"argv": st.lists(st.text(max_size=8), max_size=3), "tty": st.booleans(),
+                                  "term": st.text(max_size=8), "rows": st.integers(-5, 500),
+                                  "cols": st.integers(-5, 500)})
+    as_json = st.one_of(good, fields, st.lists(st.integers(), max_size=3)).map(json.dumps)
+    return st.one_of(as_json, st.text(max_size=60)).map(lambda text: text.encode("utf-8", "surrogatepass"))
+
+
+_HEADER_NAMES = st.sampled_from([b"malai-exec", b"malai-kind", b"malai-error", b"malai-reason", b":path",
+                                 b"x-other", b"Upper", b"a b"])
+stream_opens = st.tuples(
+    st.sampled_from([b"exec", b"tcp", b"http", b"relay", b"relayed", b"control", b"nope", b"", b"EXEC", b"a" * 40]),
+    st.one_of(st.sampled_from([b"company", b"mysql", b"admin", b"", b"a" * 52]), st.binary(max_size=40)),
+    st.lists(st.one_of(st.tuples(st.just(b"malai-exec"), _exec_json()),
+                       st.tuples(_HEADER_NAMES, st.binary(max_size=30))), max_size=4),
+    st.booleans(),  # reset by the opener at once
+)
+
+
+class StreamOpenFuzz(SynchronousTestCase):
+    """Stream opens of any kind, target and headers (``malai-exec`` JSON of any shape) from a
+    member with no rights: each is refused with a status, a code and a short reason, or reset;
+    a malformed HEADERS block costs the link (one warning); nothing is accepted, nothing raises,
+    no stream is left behind."""
+
+    @given(st.lists(stream_opens, min_size=1, max_size=8))
+    def test_opens(self, opens):
+        peer = accepted_link(responder=StreamResponder(FakeCluster()))
+        peer.link.ready.addErrback(lambda f: None)
+        peer.link.control.ready.addErrback(lambda f: None)
+        sent = []
+        with capturedLogs() as events:
+            for kind, target, headers, reset in opens:
+                try:
+                    stream_id = peer.client.open(kind, target, headers)
+                    if reset:
+                        peer.client.conn.reset_stream(stream_id, 8)
+                except ProtocolError:
+                    continue  # what h2 will not send: malformed on this side already
+                sent.append((stream_id, reset))
+                peer.exchange()
+                if peer.link._gone:
+                    break
+            peer.clock.advance(1)
+            peer.exchange()
+        no_tracebacks(self, events)
+        warnings = [e for e in events if e["log_level"] >= LogLevel.warn]
+        if peer.link._gone:
+            self.assertLessEqual(len([e for e in warnings if "closing the link" in e["log_format"]]), 1)
+            return
+        for stream_id, reset in sent:
+            answer = peer.client.answers.get(stream_id)
+            if answer is None:
+                self.assertTrue(reset or stream_id in peer.client.resets, stream_id)
+                continue
+            self.assertNotEqual(answer.get(b":status"), b"200", answer)
+            self.assertIn(answer.get(b":status"), (b"400", b"403", b"500", b"503"), answer)
+            self.assertTrue(answer.get(b"malai-error"), answer)
+            self.assertLessEqual(len(answer.get(b"malai-reason", b"")), 400, answer)
+        self.assertEqual(list(peer.link.streams), [peer.control])
+        self.assertEqual(peer.link._answering, {})
 
 
 # -- HTTP heads and bodies -----------------------------------------------------------------------
@@ -332,7 +465,7 @@ class HttpFuzz(SynchronousTestCase):
         link = LenientTransport()
         with capturedLogs() as events:
             session.makeConnection(link)
-            feed(lambda part: session.dataReceived(frames.encode(frames.DATA, part)), link, data, cuts)
+            feed(session.dataReceived, link, data, cuts)
             clock.advance(120)
             session.connectionLost(Failure(ConnectionError("fuzz")))
         self.assertEqual([e for e in events if e.get("log_failure")], [])

@@ -1,11 +1,14 @@
 """A fuzz burst at a real daemon: its peer port (as a member with no rights) and its control socket.
 
-Each connection sends boxes drawn from a seeded generator: well-formed commands with arguments of
-any bytes, boxes with wrong or missing keys, and raw bytes. The daemon must close the offending
-connections (one log line each, no traceback), keep serving, give its descriptors back, stay within
-a bounded memory growth, and stop when asked.
+Each peer link (HTTP/2, as ``RawTLS`` speaks it) first opens streams drawn from a seeded generator
+(any kind, target and headers, ``malai-exec`` JSON of any shape), each of which must be refused
+or reset, then sends boxes on its control stream, as each control connection does: well-formed
+commands with arguments of any bytes, boxes with wrong or missing keys, and raw bytes. The daemon
+must close the offending connections (one log line each, no traceback), keep serving, give its
+descriptors back, stay within a bounded memory growth, and stop when asked.
 """
 
+import json
 import random
 import struct
 import time
@@ -14,15 +17,15 @@ from twisted.trial.unittest import TestCase
 
 from malai.ampbox import encode_box
 from tests.helpers import wait_for
-from tests.test_link_hardening import Manager, closed, fd_count, refusals, rss_kib, send_until_closed
+from tests.test_link_hardening import Manager, RawTLS, closed, fd_count, refusals, rss_kib, send_until_closed
 
-PEER_COMMANDS = [b"Hello", b"Ping", b"PushConfig", b"GetConfig", b"PutConfig", b"ConfigHistory", b"OpenExec",
-                 b"OpenStream", b"RelayOpen", b"RelayRequest", b"RelayAttach", b"Unknown"]
+PEER_COMMANDS = [b"Hello", b"Ping", b"PushConfig", b"GetConfig", b"PutConfig", b"ConfigHistory",
+                 b"OpenExec", b"Unknown"]  # OpenExec: a command of protocol 1, unknown now
 #: Stop is left out: it is allowed to stop the daemon.
 CONTROL_COMMANDS = [b"Status", b"Rescan", b"Ping", b"Exec", b"Machines", b"Unknown"]
 KEYS = [b"_command", b"_ask", b"_answer", b"_error", b"_error_code", b"protocol", b"features", b"version",
         b"addrs", b"payload", b"argv", b"tty", b"rows", b"cols", b"timeout", b"cluster", b"machine", b"peer",
-        b"body", b"base", b"force", b"target", b"token", b"kind", b"service", b"check"]
+        b"body", b"body.0", b"base", b"force", b"sha256", b"signature", b"token", b"kind", b"service", b"check"]
 VALUES = [b"", b"1", b"0", b"-1", b"nan", b"True", b"False", b"company", b"web01", b"\x00\x01", b"9" * 40]
 
 
@@ -47,6 +50,33 @@ def fuzz_boxes(rng: random.Random, commands, count: int) -> bytes:
     return b"".join(out)
 
 
+STREAM_KINDS = [b"exec", b"tcp", b"http", b"relay", b"relayed", b"control", b"nope"]
+TARGETS = [b"company", b"mysql", b"admin", b"", b"x" * 52]
+EXEC_FIELDS = ["argv", "tty", "term", "rows", "cols", "timeout", "line", "subsystem", "user"]
+FIELD_VALUES = [None, True, False, 0, -1, 2**40, 1.5, "", "id", "xterm", ["id"], ["sh", "-c", "id"], [1], {}]
+
+
+def fuzz_exec(rng: random.Random) -> bytes:
+    """A ``malai-exec`` value: a request with fields of any type, or junk."""
+    if rng.random() < 0.2:
+        return rng.randbytes(rng.randrange(0, 40)).decode("latin-1").encode()
+    fields = {"argv": ["id"], "tty": False, "term": "xterm", "rows": 24, "cols": 80}
+    for _ in range(rng.randrange(0, 4)):
+        fields[rng.choice(EXEC_FIELDS)] = rng.choice(FIELD_VALUES)
+    return json.dumps(fields).encode()
+
+
+def fuzz_open(rng: random.Random, raw: RawTLS) -> int:
+    """Open a stream of a random kind, target and headers; its id."""
+    headers = []
+    for _ in range(rng.randrange(0, 3)):
+        if rng.random() < 0.6:
+            headers.append((b"malai-exec", fuzz_exec(rng)))
+        else:
+            headers.append((rng.choice([b"malai-kind", b"malai-error", b"x-other"]), rng.choice(VALUES)))
+    return raw.open(rng.choice(STREAM_KINDS), rng.choice(TARGETS), headers)
+
+
 class DaemonFuzzTests(TestCase):
     CONNECTIONS = 100
 
@@ -56,9 +86,21 @@ class DaemonFuzzTests(TestCase):
         time.sleep(0.5)
         fds, rss = fd_count(m.pid), rss_kib(m.pid)
         rng = random.Random(1313)
+        broken = 0  # links closed over a malformed HEADERS block
         for _ in range(self.CONNECTIONS):
             raw = m.link()
-            send_until_closed(raw.send, [fuzz_boxes(rng, PEER_COMMANDS, 20)])
+            try:
+                for _ in range(5):
+                    answer = raw.answer(fuzz_open(rng, raw))
+                    self.assertNotEqual(answer.get(b":status"), b"200", answer)
+                    self.assertTrue(b"reset" in answer or answer.get(b"malai-error"), answer)
+            except ConnectionError:  # a header HTTP/2 calls malformed (a NUL): the link is gone
+                self.assertEqual(raw.h2.goaway, 1, "a GOAWAY other than PROTOCOL_ERROR")
+                self.assertTrue(raw.closed_by_peer(), "the link stayed open after GOAWAY")
+                broken += 1
+            else:
+                self.assertEqual(raw.ping()[b"payload"], b"still here")  # refused streams cost the link nothing
+                send_until_closed(raw.send, [fuzz_boxes(rng, PEER_COMMANDS, 20)])
             raw.closed_by_peer(0.5)
             raw.close()
             s = m.control()
@@ -74,6 +116,7 @@ class DaemonFuzzTests(TestCase):
         log = m.log()
         self.assertNotIn("Traceback", log)
         self.assertLessEqual(len(refusals(log)), 2 * self.CONNECTIONS)
+        self.assertLess(broken, self.CONNECTIONS // 2, "most links never got to their boxes")
         start = time.monotonic()
         m.home.ok("stop")
         self.assertLess(time.monotonic() - start, 15)
