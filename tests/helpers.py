@@ -192,11 +192,12 @@ class LoopbackCluster:
     """Cluster ``company`` on loopback: a manager and named members, each a real daemon.
 
     ``config(ids, ports)`` returns what to append to ``cluster.toml`` once every
-    member has its ID52 (``ids``) and peer port (``ports``). Built on first use
-    by a test class and kept for all its tests (trial has no setUpClass); torn
-    down at exit."""
+    member has its ID52 (``ids``) and peer port (``ports``); ``listen`` gives a
+    member another listening endpoint than that port. Built on first use by a
+    test class and kept for all its tests (trial has no setUpClass); torn down
+    at exit."""
 
-    def __init__(self, names, config, ready_check=None):
+    def __init__(self, names, config, ready_check=None, listen=None):
         self._cleanups = cleanups = _Cleanups()
         self.cm = DaemonHome(cleanups)
         out = self.cm.ok("cluster", "init", "company")
@@ -212,7 +213,7 @@ class LoopbackCluster:
         path.write_text(path.read_text() + config(self.ids, self.ports))
         self.cm.ok("rescan")
         for name, home in self.homes.items():
-            home.start(f"tcp:{self.ports[name]}:interface=127.0.0.1")
+            home.start((listen or {}).get(name, f"tcp:{self.ports[name]}:interface=127.0.0.1"))
         self.wait_in_sync()
 
     def close(self):

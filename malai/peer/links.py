@@ -68,7 +68,8 @@ class LinkPool:
     def __init__(self, dialer: Dialer, factory: MuxLinkFactory):
         self.dialer = dialer
         self.factory = factory
-        self._links: Dict[Key, MuxLink] = {}
+        self._links: Dict[Key, MuxLink] = {}  # the link used, per pair
+        self._others: Dict[Key, List[MuxLink]] = {}  # other ready links of a pair, to promote if it closes
         self._dialing: Dict[Key, List[Deferred]] = {}
 
     def get(self, local: Identity, peer: str, hints: Optional[List[str]] = None) -> Deferred:
@@ -100,15 +101,32 @@ class LinkPool:
         over it. Returns the link used from now on."""
         key = (link.peer.local, link.peer.peer)
         current = self._links.get(key)
-        if current is link or (_usable(current) and _wins(current, link)):
+        if current is link or link in self._others.get(key, ()):
             return current
-        self._links[key] = link
         link.closed.addCallback(self._closed, key)
+        if _usable(current) and _wins(current, link):
+            self._others.setdefault(key, []).append(link)
+            return current
+        if current is not None:
+            self._others.setdefault(key, []).append(current)
+        self._links[key] = link
         return link
 
     def _closed(self, link: MuxLink, key: Key) -> MuxLink:
+        others = self._others.get(key, [])
+        if link in others:
+            others.remove(link)
         if self._links.get(key) is link:
             del self._links[key]
+            usable = [other for other in others if _usable(other)]
+            if usable:  # the best of the others takes over
+                best = usable[0]
+                for other in usable[1:]:
+                    best = best if _wins(best, other) else other
+                others.remove(best)
+                self._links[key] = best
+        if not others:
+            self._others.pop(key, None)
         return link  # for the observers after us (a keeper)
 
     def current(self, local: str, peer: str) -> Optional[MuxLink]:

@@ -513,15 +513,21 @@ class MuxLink(Protocol):
 
     def _accept(self, stream: MuxStream, protocol: Protocol) -> None:
         if not self._gone:  # else the link's end ends the stream
-            self._conn.send_headers(stream.stream_id, [(b":status", b"200")])
+            try:
+                self._conn.send_headers(stream.stream_id, [(b":status", b"200")])
+            except StreamClosedError:  # reset in the same read as it opened: its StreamReset ends it
+                pass
         stream.attach(protocol)
 
     def _refuse(self, stream: MuxStream, code: str, reason: str) -> None:
         if stream.ended or self._gone:
             return
-        self._conn.send_headers(stream.stream_id, [
-            (b":status", _STATUS.get(code, b"403")), (b"malai-error", _sanitize(code, 40).encode()),
-            (b"malai-reason", _sanitize(reason, MAX_REASON).encode())], end_stream=True)
+        try:
+            self._conn.send_headers(stream.stream_id, [
+                (b":status", _STATUS.get(code, b"403")), (b"malai-error", _sanitize(code, 40).encode()),
+                (b"malai-reason", _sanitize(reason, MAX_REASON).encode())], end_stream=True)
+        except StreamClosedError:  # reset by the peer meanwhile: nothing to answer
+            pass
         self.reset(stream, ErrorCodes.NO_ERROR)  # frees the stream on both sides now
         stream.finish(Failure(ConnectionDone()))
 
