@@ -160,6 +160,8 @@ def _option(call: SshCall, letter: str, value: Optional[str]) -> None:
         call.port = value
     elif letter == "O":
         call.control = value
+    elif letter == "e":
+        call.opts.escape = _escape_char(value or "")
     elif letter == "o":
         assert value is not None
         _config_option(call, value)
@@ -202,6 +204,17 @@ def _config_option(call: SshCall, text: str) -> None:
         call.port = value
     else:
         call.ignored.append(f"-o {text}")
+
+
+def _escape_char(value: str) -> Optional[bytes]:
+    """``-e``: one character, ``^X`` for a control character, or ``none``."""
+    if value == "none":
+        return None
+    if len(value) == 2 and value[0] == "^" and 64 <= ord(value[1].upper()) < 96:
+        return bytes([ord(value[1].upper()) & 31])
+    if len(value) != 1 or not value.isascii():
+        raise SystemExit(f"malai ssh: -e {value}: give one character, ^X or none")
+    return value.encode()
 
 
 def _socks_listen(value: str) -> str:
