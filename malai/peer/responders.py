@@ -3,7 +3,6 @@
 the link's verified peer ID52; the cluster service does the work."""
 
 from twisted.logger import Logger
-from twisted.protocols import amp
 
 from malai.acl import Denied
 from malai.config.envelope import Envelope
@@ -28,6 +27,7 @@ from malai.peer.commands import (
     StaleBase,
 )
 from malai.peer.execution import BadRequest, ExecSession, caller_name, prepare
+from malai.peer.heartbeat import HeartbeatLocator
 from malai.peer.http_headers import Caller
 from malai.peer.http_proxy import HttpSession
 from malai.peer.upstream import authorise, open_tcp
@@ -37,7 +37,7 @@ __all__ = ["ClusterResponder"]
 HISTORY_SHOWN = 200  # the latest versions: what one AMP value (64 KiB) holds with room to spare
 
 
-class ClusterResponder(amp.CommandLocator):
+class ClusterResponder(HeartbeatLocator):  # heartbeats: malai.peer.heartbeat
     log = Logger()
 
     def __init__(self, cluster, peer: PeerAddress):
