@@ -58,7 +58,11 @@ def makeService(options: Options):
         if options["control"]:
             control = options["control"]
         else:
-            _remove_stale_socket(home.socket)
+            try:
+                _remove_stale_socket(home.socket)
+            except MalaiError:
+                lock.release()  # we never ran: leave no pid behind that reads as a crash
+                raise
             control = control_endpoint(home.socket)
     except MalaiError as e:
         raise SystemExit(f"malai: {e}") from None
