@@ -87,6 +87,12 @@ def parse_device(text: str, file: str = "malai.toml") -> DeviceConfig:
         elif mode == "launch":
             tor = TorSettings("launch")
         tt.done()
+    metrics = None
+    mt = root.table("metrics")
+    if mt is not None:
+        metrics = mt.string("listen", required=True,
+                            check=lambda v: None if v.strip() else "an endpoint must not be empty")
+        mt.done()
     root.done()
     source.raise_problems()
-    return DeviceConfig(aliases, tcp, http_listen, listen, tor)
+    return DeviceConfig(aliases, tcp, http_listen, listen, tor, metrics)

@@ -159,3 +159,4 @@ class DeviceConfig:
     http_listen: Optional[str] = None
     listen: Tuple[str, ...] = ()
     tor: Optional["TorSettings"] = None  # None: Tor is off
+    metrics: Optional[str] = None  # ``[metrics] listen``: where /metrics is served; None: off

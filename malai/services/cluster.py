@@ -64,7 +64,8 @@ class ClusterService(MultiService):
 
     @property
     def audit(self) -> AuditLog:
-        return AuditLog(self.daemon.home.log_dir / "audit.jsonl")
+        metrics = getattr(self.daemon, "metrics", None)
+        return AuditLog(self.daemon.home.log_dir / "audit.jsonl", metrics.audit if metrics is not None else None)
 
     @property
     def store(self) -> ClusterStore:
