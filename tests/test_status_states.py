@@ -53,6 +53,9 @@ class StatusStateTests(TestCase):
         self.assertNotIn("kill", r.stdout)
         code, s = state(self.home)
         self.assertEqual((code, s["state"], s["pid"]), (4, "STARTING", proc.pid))
+        r = self.home.malai("rescan")  # it may have read the files already: nothing is said to be applied
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("nothing applied: run `malai rescan` once it answers", r.stderr)
 
     def test_not_answering(self):
         self.home.start()
