@@ -21,6 +21,7 @@ __all__ = ["Metrics", "apply_metrics"]
 
 #: HTTP request durations (seconds) the histogram tells apart.
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PUSH_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
 KINDS = ("exec", "tcp", "http")
 
 
@@ -45,7 +46,14 @@ class Metrics:
                             ["cluster", "status"], registry=r)
         self.http_seconds = Histogram("malai_http_request_duration_seconds", "Time to serve an HTTP request to a peer",
                                       ["cluster"], buckets=HTTP_BUCKETS, registry=r)
+        self.push_seconds = Histogram("malai_config_push_seconds", "From sending a machine its config to its ack "
+                                      "(acked) or to the failure (failed)", ["cluster", "outcome"],
+                                      buckets=PUSH_BUCKETS, registry=r)
         r.register(_State(root))
+
+    def pushed(self, cluster: str, acked: bool, seconds: float) -> None:
+        """A manager's config push was answered (``acked``) or failed after ``seconds``."""
+        self.push_seconds.labels(cluster, "acked" if acked else "failed").observe(seconds)
 
     def audit(self, fields: dict) -> None:
         """Count one audit record (see malai.audit)."""
