@@ -68,10 +68,11 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(again.last_seen("a" * 52), self.clock.seconds())
 
     def test_an_unreadable_file_counts_every_machine_unseen(self):
-        self.path.write_text("{not json")
-        again = MachineHealth(self.clock, self.path)
-        again.startService()
-        self.assertEqual(again.latest, {})
+        for text in ("{not json", '{"machines": []}', '{"machines": {"a": 1}}', "[]"):
+            self.path.write_text(text)
+            again = MachineHealth(self.clock, self.path)
+            again.startService()
+            self.assertEqual(again.latest, {}, text)
 
     def test_machines_gone_from_the_cluster_are_forgotten(self):
         self.health.record("a" * 52, BEAT)

@@ -39,7 +39,10 @@ class MachineHealth(Service):
     def startService(self) -> None:
         super().startService()
         try:
-            self.latest = json.loads(self.path.read_text())["machines"]
+            latest = json.loads(self.path.read_text())["machines"]
+            if not isinstance(latest, dict) or not all(isinstance(v, dict) for v in latest.values()):
+                raise ValueError("not a table of machines")
+            self.latest = latest
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError) as e:
