@@ -52,16 +52,32 @@ def foreground(root, listen: str, verbose: bool, prefix: str, failed: int) -> in
 
 
 def _log_to_stderr(verbose: bool) -> None:
-    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, formatEvent, globalLogBeginner
+    """malai's own events on stderr (warnings, or with ``verbose`` every connection); a line
+    said twice in a row (a refusal the relay records too) once."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        PredicateResult,
+        formatEvent,
+        globalLogBeginner,
+    )
+
+    last = [""]
 
     def emit(event) -> None:
         text = formatEvent(event)
         if event.get("log_failure") is not None:
             text += f": {event['log_failure'].getErrorMessage()}"
-        print(f"malai socks: {text}", file=sys.stderr, flush=True)
+        if text != last[0]:
+            print(f"malai socks: {text}", file=sys.stderr, flush=True)
+        last[0] = text
+
+    def ours(event) -> PredicateResult:
+        return PredicateResult.maybe if event.get("log_namespace", "").startswith("malai") else PredicateResult.no
 
     level = LogLevelFilterPredicate(LogLevel.info if verbose else LogLevel.warn)
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(emit, [level])], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(emit, [ours, level])], redirectStandardIO=False)
 
 
 async def _front(reactor, home):

@@ -237,6 +237,10 @@ class _ToFront(Splice):
         pass
 
 
+class _Quiet(SwitchTo):
+    noisy = False
+
+
 class _SocksFactory(Factory):
     log = Logger()
     noisy = False
@@ -278,6 +282,7 @@ class _SocksFactory(Factory):
     def _open(self, relay: Relay, remote: ServiceAddress) -> None:
         self.active.add(relay)
         relay.done.addBoth(lambda _: self.active.discard(relay))
+        self.log.info("{label}", label=relay.label)
         d = open_stream(self.context, remote, "tcp", relay.link)
         d.addErrback(self._failed, relay, remote)
 
@@ -303,7 +308,7 @@ class _SocksFactory(Factory):
         host, port = self.front
         endpoint = (TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint)(self.context.reactor, host, port,
                                                                                timeout=10)
-        d = endpoint.connect(SwitchTo(far))
+        d = endpoint.connect(_Quiet(far))
 
         def connected(_) -> None:
             if server.connected:
