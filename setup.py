@@ -18,6 +18,7 @@ setup(
         "h11>=0.14",
         "h2>=4.1",
         "txtorcon>=23",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": ["hypothesis>=6", "ruff", "mypy", "mypy-zope", "websockets>=12"],

@@ -100,7 +100,10 @@ class Sshd:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
         port = free_port()
         config = self.root / "sshd_config"
+        sftp = next((p for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
+                                 "/usr/libexec/sftp-server") if os.path.exists(p)), "internal-sftp")
         config.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nAuthorizedKeysFile {key}.pub\n"
+                          f"Subsystem sftp {sftp}\n"
                           "PasswordAuthentication no\nPermitRootLogin prohibit-password\nUsePAM no\n"
                           f"PidFile {self.root}/sshd.pid\nStrictModes no\nAllowTcpForwarding yes\n")
         self.proc = subprocess.Popen([sshd, "-D", "-f", str(config)])

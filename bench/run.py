@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = ["peer_link.py", "config_push.py", "exec_latency.py", "tcp_forward.py", "http_forward.py",
-              "paths.py"]
+              "ssh_tools.py", "paths.py"]
 
 if __name__ == "__main__":
     here = Path(__file__).parent

@@ -4,6 +4,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 __all__ = ["AuditLog"]
 
@@ -11,8 +12,10 @@ __all__ = ["AuditLog"]
 class AuditLog:
     """``log/audit.jsonl``: one line per request, allowed or denied."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, observer: Optional[Callable[[dict], None]] = None):
+        """``observer`` sees each record's fields after it is written (the metrics count them)."""
         self.path = path
+        self.observer = observer
 
     def record(self, **fields) -> None:
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}) + "\n"
@@ -22,3 +25,5 @@ class AuditLog:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+        if self.observer is not None:
+            self.observer(fields)

@@ -65,3 +65,70 @@ class KeeperTests(SynchronousTestCase):
         self.clock.advance(100)
         self.assertEqual(self.pool.asked, 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ProbeTests(SynchronousTestCase):
+    """The keeper's probe (a heartbeat to the manager): its timing, a hurried one, the round trip."""
+
+    def setUp(self):
+        self.clock, self.pool = Clock(), FakePool()
+        self.answers = []  # Deferreds handed to the probes, in order
+        cluster = type("Cluster", (), {"name": "company", "identity": None})()
+        self.keeper = LinkKeeper(self.clock, cluster, self.pool, "manager-id52", "the manager", heartbeat=10,
+                                 probe=self.probe)
+        self.link = FakeLink()
+        self.pool.answers = [self.link] * 10
+
+    def probe(self, link):
+        d = Deferred()
+        self.answers.append((self.clock.seconds(), d))
+        return d
+
+    def answer(self, after: float = 0.0):
+        self.clock.advance(after)
+        self.answers[-1][1].callback({})
+
+    def test_a_probe_every_interval_timed_from_the_last_answer(self):
+        self.keeper.start()
+        self.clock.advance(0)
+        self.answer(0.25)
+        self.assertEqual((self.keeper.link, self.keeper.rtt), (self.link, 0.25))
+        self.clock.advance(9.9)
+        self.assertEqual(len(self.answers), 1)
+        self.clock.advance(0.1)
+        self.assertEqual([at for at, _ in self.answers], [0, 10.25])
+        self.answer(0.5)
+        self.clock.advance(10)
+        self.assertEqual([at for at, _ in self.answers], [0, 10.25, 20.75])
+        self.assertEqual(self.link.pings, 0)  # the probe replaced the ping
+
+    def test_hurry_probes_at_once_and_restarts_the_interval(self):
+        self.keeper.start()
+        self.clock.advance(0)
+        self.answer()
+        self.clock.advance(4)
+        self.keeper.hurry()
+        self.assertEqual([at for at, _ in self.answers], [0, 4])
+        self.keeper.hurry()  # one is under way already: nothing more
+        self.assertEqual(len(self.answers), 2)
+        self.answer()
+        self.clock.advance(9.9)  # the tick scheduled before the hurry was cancelled
+        self.assertEqual(len(self.answers), 2)
+        self.clock.advance(0.1)
+        self.assertEqual([at for at, _ in self.answers], [0, 4, 14])
+
+    def test_a_changed_interval_applies_from_the_next_answer(self):
+        self.keeper.start()
+        self.clock.advance(0)
+        self.keeper.heartbeat = 1
+        self.answer()
+        self.clock.advance(1)
+        self.assertEqual([at for at, _ in self.answers], [0, 1])
+
+    def test_a_probe_that_fails_is_a_lost_link(self):
+        self.keeper.start()
+        self.clock.advance(0)
+        self.answers[-1][1].errback(ConnectionRefusedError("gone"))
+        self.assertIsNone(self.keeper.link)
+        self.clock.advance(RETRY_FIRST)
+        self.assertEqual(len(self.answers), 2)

@@ -11,7 +11,21 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from malai.cli import acl, cluster, config, daemon, info, keygen, machine, ping, rescan, service
+    from malai.cli import (
+        acl,
+        cluster,
+        config,
+        daemon,
+        info,
+        keygen,
+        logs,
+        machine,
+        machines,
+        ping,
+        rescan,
+        service,
+        socks,
+    )
 
     parser = argparse.ArgumentParser(
         prog="malai",
@@ -20,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", help="MALAI_HOME to use (default: $MALAI_HOME or ~/.local/share/malai)")
     parser.add_argument("--version", action="version", version=f"malai {malai.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (keygen, cluster, machine, info, rescan, acl, config, daemon, ping, service):
+    for module in (keygen, cluster, machine, machines, info, rescan, acl, config, daemon, logs, ping, service, socks):
         module.add_parser(sub)
     return parser
 
 
-SUBCOMMANDS = frozenset({"acl", "cluster", "config", "daemon", "forward", "info", "keygen", "machine", "open",
-                         "ping", "rescan", "service", "status", "stop"})
+SUBCOMMANDS = frozenset({"acl", "cluster", "config", "daemon", "forward", "info", "keygen", "logs", "machine",
+                         "machines", "open", "ping", "rescan", "service", "socks", "status", "stop"})
 
 
 def _remote_argv(argv: List[str]) -> Optional[tuple]:

@@ -15,9 +15,14 @@ from malai.home import Home
 from malai.lock import DaemonLock
 from malai.logs import DEFAULT_FILES, DEFAULT_SIZE
 
-RUNNING, NOT_RUNNING, STALE, NOT_ANSWERING = "RUNNING", "NOT RUNNING", "STALE", "NOT ANSWERING"
+RUNNING, STARTING, NOT_ANSWERING = "RUNNING", "STARTING", "NOT ANSWERING"
+NOT_RUNNING, STALE, CRASHED = "NOT RUNNING", "STALE", "CRASHED"
 EXIT_NOT_RUNNING = 3
-EXIT_CODES = {RUNNING: 0, NOT_ANSWERING: 1}  # else EXIT_NOT_RUNNING
+EXIT_CODES = {RUNNING: 0, NOT_ANSWERING: 1, STARTING: 4}  # else EXIT_NOT_RUNNING
+#: How long after its start a daemon that has no control socket yet counts as starting.
+STARTUP_WINDOW = 60.0
+#: How long ``status`` waits for the daemon's answer.
+STATUS_TIMEOUT = 10.0
 
 
 def add_parser(sub) -> None:
@@ -28,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--listen", action="append", default=[], metavar="ENDPOINT",
                    help="peer listen endpoint, e.g. tcp:7420 (repeatable; default [daemon] listen, else tcp:7420)")
     p.add_argument("--json-logs", action="store_true", help="log JSON lines instead of text")
+    p.add_argument("--log-level", type=_log_level, metavar="LEVEL",
+                   help="debug, info, warn, error or critical: the least a line must be to be logged "
+                        "(default $MALAI_LOG, else info)")
     p.add_argument("--log-size", type=_at_least(10_000), default=DEFAULT_SIZE, metavar="BYTES",
                    help=f"rotate malai.log at this size (default {DEFAULT_SIZE})")
     p.add_argument("--log-files", type=_at_least(1), default=DEFAULT_FILES, metavar="N",
@@ -36,8 +44,10 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run_daemon)
 
     s = sub.add_parser("status", help="is the daemon running, and what it serves",
-                       description="Exit 0 when the daemon runs, 3 when it does not, 1 when it holds "
-                                   "its lock but does not answer.")
+                       description="RUNNING (exit 0), STARTING (exit 4: it holds the lock and is still "
+                                   "loading), NOT ANSWERING (exit 1: it holds the lock but its socket does not "
+                                   "answer), CRASHED or STALE (exit 3: it is gone and left files, named with the "
+                                   "command that clears them), NOT RUNNING (exit 3).")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(run=run_status)
 
@@ -45,6 +55,17 @@ def add_parser(sub) -> None:
                        description="Stop accepting, let in-flight work finish, remove the socket, release the lock.")
     t.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it to exit")
     t.set_defaults(run=run_stop)
+
+
+def _log_level(text: str) -> str:
+    from malai.logs import level_problem
+
+    if level_problem(text.lower()):
+        raise ValueError(text)
+    return text.lower()
+
+
+_log_level.__name__ = "log level (debug, info, warn, error, critical)"
 
 
 def _at_least(least: int):
@@ -63,6 +84,8 @@ def twistd_argv(home: Home, args) -> List[str]:
     twistd = str(Path(sys.executable).with_name("twistd"))
     argv = [twistd, "--nodaemon", "--pidfile=", f"--logger=malai.logs.{'json' if args.json_logs else 'text'}_observer"]
     argv += ["malai", "--home", str(home.root)]
+    if args.log_level:
+        argv += ["--log-level", args.log_level]
     for listen in args.listen:
         argv += ["--listen", listen]
     return argv
@@ -80,6 +103,10 @@ def run_daemon(args) -> int:
     pid = DaemonLock(home.lock).holder()
     if pid:
         raise MalaiError(f"already running (pid {pid})")
+    owner = socket_owner(home.socket)
+    if owner:
+        raise MalaiError(f"already running (pid {owner}), answering on {home.socket} though it holds no "
+                         f"{home.lock.name} (was the file removed?): `malai stop`, then `malai daemon`")
     home.log_dir.mkdir(mode=0o700, exist_ok=True)
     logfile = home.log_dir / "malai.log"
     env["MALAI_LOG_FILE"] = str(logfile)
@@ -114,31 +141,80 @@ def _startup_error(output: str, logfile: Path) -> Optional[str]:
 
 
 def _answers(path: Path) -> bool:
+    return socket_owner(path) is not None
+
+
+def socket_owner(path: Path) -> Optional[int]:
+    """The pid of the process listening on the UNIX socket ``path``, if one accepts connections there."""
+    import struct
+
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
     try:
         s.connect(str(path))
-        return True
+        pid, _uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                           struct.calcsize("3i")))
+        return pid or -1
     except OSError:
-        return False
+        return None
     finally:
         s.close()
 
 
+def process_age(pid: int) -> Optional[float]:
+    """Seconds since ``pid`` started, from /proc (None when it is not running)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
 async def daemon_state(reactor, home: Home, summary: bool = True) -> dict:
-    """RUNNING (with the daemon's status); NOT RUNNING or STALE (a socket left by a dead daemon)
-    when the lock is free; NOT ANSWERING when a live daemon holds the lock but its socket failed.
+    """The daemon's state, decided from the lock, the socket and the processes, never by guessing:
+
+    - RUNNING: it answers (with its status), also when its lock file was removed by hand;
+    - STARTING: a process holds the lock, started less than ``STARTUP_WINDOW`` ago and has no socket yet;
+    - NOT ANSWERING: a process holds the lock (or runs without one) but its socket does not answer;
+    - CRASHED: the lock is free and names a pid that is gone: that daemon died (``kill -9``, a crash);
+    - STALE: the lock is free and a socket nobody answers on is left;
+    - NOT RUNNING: none of that.
+
     ``summary``: of a manager's machines and links only the first ten (the counts say how many)."""
+    lock = DaemonLock(home.lock)
+    paths = {"home": str(home.root), "lock": str(home.lock), "socket": str(home.socket)}
+    pid = lock.holder()
+    if not pid:
+        owner = socket_owner(home.socket)
+        if owner:
+            state = await _ask(reactor, home, owner, summary)
+            if state["state"] == RUNNING:
+                state["warning"] = (f"the daemon holds no {home.lock.name} (was the file removed?); a second "
+                                    "daemon could start next to it: `malai stop`, then `malai daemon`")
+            return {**paths, **state}
+        return {**paths, **_not_running(home, lock)}
+    if not home.socket.exists():
+        age = process_age(pid)
+        if age is not None and age < STARTUP_WINDOW:
+            return {**paths, "state": STARTING, "pid": pid, "age": age,
+                    "fix": f"the daemon (pid {pid}) started {age:.0f}s ago and is loading its clusters; it "
+                           f"answers on {home.socket} once ready (`malai logs` shows its progress)"}
+        if age is not None:
+            return {**paths, "state": NOT_ANSWERING, "pid": pid,
+                    "fix": f"the daemon (pid {pid}) holds {home.lock} but has had no socket at {home.socket} "
+                           f"for {age:.0f}s; `malai logs` says why, `kill {pid}` stops it"}
+    return {**paths, **await _ask(reactor, home, pid, summary)}
+
+
+async def _ask(reactor, home: Home, pid: int, summary: bool) -> dict:
     from malai.control.client import call
     from malai.control.commands import Status
 
-    pid = DaemonLock(home.lock).holder()
-    if not pid:
-        if home.socket.exists():
-            return {"state": STALE, "fix": f"a daemon died and left {home.socket}; "
-                                             "`malai daemon` replaces it (or remove it)"}
-        return {"state": NOT_RUNNING}
     try:
-        status = await call(reactor, home.socket, Status, summary=summary)
+        status = await call(reactor, home.socket, Status, timeout=STATUS_TIMEOUT, summary=summary)
     except Exception as e:  # a MalaiError says why; anything else is an answer we could not read
         reason = e if isinstance(e, MalaiError) else f"an unreadable answer ({type(e).__name__})"
         return {"state": NOT_ANSWERING, "pid": pid,
@@ -146,8 +222,43 @@ async def daemon_state(reactor, home: Home, summary: bool = True) -> dict:
     return {"state": RUNNING, **status}
 
 
+def _not_running(home: Home, lock: DaemonLock) -> dict:
+    """The lock is free and nobody answers on the socket: what is left, and by whom."""
+    recorded = lock.recorded_pid()  # a daemon that stops clears it; one that dies cannot
+    if recorded and _running(recorded) and _is_malai(recorded):
+        return {"state": NOT_ANSWERING, "pid": recorded,
+                "fix": f"the daemon (pid {recorded}) named in {home.lock} runs but holds no lock and does not "
+                       f"answer on {home.socket} (were they removed by hand?); `kill {recorded}` stops it, then "
+                       "`malai daemon`"}
+    leftovers = ([f"{home.lock} naming pid {recorded}"] if recorded else []) + \
+                ([str(home.socket)] if home.socket.exists() or home.socket.is_symlink() else [])
+    if recorded:
+        return {"state": CRASHED, "pid": recorded, "leftovers": leftovers,
+                "fix": f"the daemon (pid {recorded}) is gone without stopping (killed or crashed; `malai logs` "
+                       f"may say why) and left {' and '.join(leftovers)}; `malai daemon` clears them and starts "
+                       "again"}
+    if leftovers:
+        return {"state": STALE, "leftovers": leftovers,
+                "fix": f"no daemon runs, but {home.socket} is left and nobody answers on it; `malai daemon` "
+                       "replaces it"}
+    return {"state": NOT_RUNNING}
+
+
+def _is_malai(pid: int) -> bool:
+    """Whether ``pid`` runs malai (its pid may have gone to another program since a crash)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"malai" in f.read()
+    except OSError:
+        return False
+
+
 def run_status(args) -> int:
-    state = run_twisted(daemon_state, home_of(args), not args.json)
+    home = home_of(args)
+    state = run_twisted(daemon_state, home, not args.json)
+    for c in state.get("clusters", []):
+        c["config"] = str(home.root / "clusters" / c["cluster"] /
+                          ("cluster.toml" if c["role"] == "manager" else "machine.toml"))
     if args.json:
         print_json(state)
     else:
@@ -157,8 +268,10 @@ def run_status(args) -> int:
 
 def _print_status(state: dict) -> None:
     print(state["state"])
-    if "fix" in state:
-        print(f"  {state['fix']}")
+    for key in ("fix", "warning"):
+        if key in state:
+            print(f"  {state[key]}")
+    print(f"  home {state['home']}, lock {state['lock']}, socket {state['socket']}")
     if state["state"] != RUNNING:
         return
     print(f"  pid {state['pid']}, malai {state['version']}, up {_duration(state['uptime'])}")
@@ -168,6 +281,7 @@ def _print_status(state: dict) -> None:
         machines = f", {c['machines']} machines" if c["role"] == "manager" else ""
         print(f"  {c['cluster']:<16} {c['role']:<8} {c['id52']}{machines}, config version "
               f"{c['config_version']}, {c['links']} links{waiting}")
+        print(f"    config {c['config']}")
         for link in c["peer_links"]:  # a summary: the first ten
             print(f"    link to {link['peer']}: {link['path']}")
         if c["links"] > len(c["peer_links"]):
@@ -211,7 +325,7 @@ def run_stop(args) -> int:
 
     home = home_of(args)
     lock = DaemonLock(home.lock)
-    pid = lock.holder()
+    pid = lock.holder() or socket_owner(home.socket)  # a daemon whose lock file was removed still stops
     if not pid:
         print("malai daemon is not running")
         return 0

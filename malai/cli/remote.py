@@ -80,6 +80,7 @@ class Options:
         self.subsystem: Optional[str] = None  # ssh -s: ``sftp``
         self.stdin = True  # False: send no input (ssh -n)
         self.quiet = False  # no warnings (ssh -q)
+        self.escape: Optional[bytes] = b"~"  # ssh's escape character with a terminal (-e; None: none)
 
 
 def seconds(word: str, value: str) -> float:
@@ -247,7 +248,8 @@ def run_one(home: Path, opts: Options, cluster: str, machine: str, argv: List[st
             print(f"malai: {named(home, cluster, message)}", file=sys.stderr)
             return code
         deadline = None if opts.timeout is None else start + opts.timeout + TIMEOUT_GRACE
-        return Session(sock, opts.tty and stdin_tty, bytes(early), name, deadline, opts.stdin).run()
+        escape = Escapes(opts.escape) if opts.tty and stdin_tty and opts.escape else None
+        return Session(sock, opts.tty and stdin_tty, bytes(early), name, deadline, opts.stdin, escape).run()
     except TimeoutError:
         print(f"malai: {name} did not answer within {bound:g}s ({why}); tried {tried(home, cluster, machine)}. "
               f"Is it up and reachable from here? `malai ping {name}` tells more", file=sys.stderr)
@@ -343,6 +345,41 @@ class ReaderGone(Exception):
     """Our stdout's reader has left (``| head``)."""
 
 
+class Escaped(Exception):
+    """``~.`` was typed at the start of a line."""
+
+
+class Escapes:
+    """ssh's escapes in what a terminal types: at the start of a line (after CR or LF, or the
+    very first key) ``~.`` ends the session and ``~~`` sends one ``~``; ``~`` and any other key
+    go as they are."""
+
+    def __init__(self, char: bytes = b"~"):
+        self.char = char[0]
+        self.line_start = True
+        self.pending = False  # an escape character at the start of a line, waiting for the next key
+
+    def feed(self, data: bytes) -> Tuple[bytes, bool]:
+        """(what to send, whether ``~.`` came: then nothing after it is sent)."""
+        if not self.pending and self.char not in data:  # the common case, a paste included
+            self.line_start = data[-1:] in (b"\r", b"\n") if data else self.line_start
+            return data, False
+        out = bytearray()
+        for key in data:
+            if self.pending:
+                self.pending = False
+                if key == ord("."):
+                    return bytes(out), True
+                if key != self.char:
+                    out.append(self.char)
+            elif self.line_start and key == self.char:
+                self.pending = True
+                continue
+            out.append(key)
+            self.line_start = key in b"\r\n"
+        return bytes(out), False
+
+
 class Session:
     """Pump stdin into frames and frames out to stdout/stderr until the exit frame.
 
@@ -354,7 +391,7 @@ class Session:
     MAX_QUEUED = 256 * 1024
 
     def __init__(self, sock: socket.socket, interactive: bool, early: bytes = b"", name: str = "the machine",
-                 deadline: Optional[float] = None, stdin: bool = True):
+                 deadline: Optional[float] = None, stdin: bool = True, escape: Optional[Escapes] = None):
         self.sock = sock
         self.interactive = interactive
         self.parser = frames.FrameParser()
@@ -366,6 +403,7 @@ class Session:
         self.use_stdin = stdin
         self.signalled = False  # a signal went to the command already
         self.closed: set = set()  # our outputs whose reader has left
+        self.escape = escape  # a terminal's keys: ~. leaves
 
     def run(self) -> int:
         saved = None
@@ -419,6 +457,8 @@ class Session:
             return self.exit
         except ReaderGone:
             return self._reader_gone()
+        except Escaped:
+            return self._leave(f"~.: left {self.name} (the command there is hung up)", EXIT_UNREACHABLE)
         except (BrokenPipeError, ConnectionResetError):
             return self._drain()
         finally:
@@ -451,6 +491,13 @@ class Session:
 
     def _read_stdin(self, stdin: int) -> bool:
         data = os.read(stdin, 65536)
+        if data and self.escape is not None:
+            keys, left = self.escape.feed(data)
+            if keys:
+                self._queue(frames.encode(frames.STDIN, keys))
+            if left:
+                raise Escaped()
+            return True
         self._queue(frames.encode(frames.STDIN, data) if data else frames.encode(frames.EOF))
         return bool(data)
 

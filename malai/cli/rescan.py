@@ -47,10 +47,10 @@ def run(args) -> int:
 async def apply_if_running(reactor, home, cluster, check_when_stopped: bool, wait=None) -> int:
     """``wait``: the ``--wait``, ``--timeout`` and ``--json`` of ``malai rescan``, or None
     (with ``--json`` what the rescan did goes to stderr, the JSON alone to stdout)."""
-    from malai.cli.daemon import NOT_ANSWERING, RUNNING, daemon_state
+    from malai.cli.daemon import NOT_ANSWERING, RUNNING, STARTING, daemon_state
 
     state = await daemon_state(reactor, home)
-    if state["state"] == NOT_ANSWERING:
+    if state["state"] in (NOT_ANSWERING, STARTING):  # a starting daemon may have read the files already
         raise MalaiError(f"{state['fix']}\nnothing applied: run `malai rescan` once it answers")
     if state["state"] != RUNNING:  # the lock is free
         if not check_when_stopped:

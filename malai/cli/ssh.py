@@ -25,21 +25,21 @@ WITH_VALUE = frozenset("bceilmopBDEFIJLOQRSwW")
 REFUSED = {
     "L": "-L port forwarding: use `malai forward` (docs/tcp.md)",
     "R": "-R remote port forwarding: expose the service in the machine's config (docs/tcp.md)",
-    "D": "-D dynamic forwarding: not offered by malai ssh",
     "W": "-W stdio forwarding: use `malai forward` (docs/tcp.md)",
     "w": "-w tunnel devices: not offered by malai",
-    "N": "-N (no command, for port forwarding): use `malai forward` (docs/tcp.md)",
+    "N": "-N (no command, for port forwarding): use `malai forward` (docs/tcp.md), or -N with -D for SOCKS",
     "f": "-f (background after connecting): put malai in the background with your shell (&)",
     "Q": "-Q: malai has no ssh ciphers or algorithms to list",
 }
-REFUSED_KEYS = {"localforward": "L", "remoteforward": "R", "dynamicforward": "D", "tunnel": "w"}
+REFUSED_KEYS = {"localforward": "L", "remoteforward": "R", "tunnel": "w"}
 
 USAGE = """usage: malai ssh [-46AaCfGgKkMNnqsTtVvXxYy] [-B iface] [-b addr] [-c ciphers] [-E log] [-e char]
                  [-F config] [-I lib] [-i key] [-J jump] [-L ..] [-l user] [-m macs] [-O ctl] [-o option]
-                 [-p port] [-Q q] [-R ..] [-S ctl] [-W ..] [-w ..] [--connect-timeout S] [--timeout S]
-                 [user@]<machine>.<cluster> [command …]
+                 [-p port] [-Q q] [-R ..] [-S ctl] [-W ..] [-w ..] [-D [bind:]port] [--connect-timeout S]
+                 [--timeout S] [user@]<machine>.<cluster> [command …]
 ssh's command line for malai (docs/ssh.md): the command words are joined into one string; the
-machine runs it as plain words, or through the login shell where allow_shell lets you."""
+machine runs it as plain words, or through the login shell where allow_shell lets you.
+-D [bind:]port runs a SOCKS5 proxy to malai names (malai socks) with the session; -N -D only that."""
 
 
 class SshCall:
@@ -57,6 +57,8 @@ class SshCall:
         self.print_config = False  # -G
         self.control: Optional[str] = None  # -O
         self.remote_command: Optional[str] = None  # -o RemoteCommand
+        self.dynamic: Optional[str] = None  # -D [bind:]port: a SOCKS proxy (malai socks) as HOST:PORT
+        self.no_command = False  # -N: only the SOCKS proxy
         self.verbose = 0
         self.ignored: List[str] = []
 
@@ -79,6 +81,10 @@ def parse(argv: List[str]) -> SshCall:
         if rest[:1] == ["--"]:
             rest = rest[1:]
     call.words = rest
+    if call.no_command and call.dynamic is None:
+        raise SystemExit(f"malai ssh: {REFUSED['N']}")
+    if call.no_command and rest:
+        raise SystemExit(f"malai ssh: -N runs no command, yet {' '.join(rest)!r} follows")
     return call
 
 
@@ -125,9 +131,13 @@ def _options(call: SshCall, args: List[str], before_host: bool) -> List[str]:
 
 
 def _option(call: SshCall, letter: str, value: Optional[str]) -> None:
-    if letter in REFUSED:
+    if letter == "N":
+        call.no_command = True
+    elif letter in REFUSED:
         raise SystemExit(f"malai ssh: {REFUSED[letter]}")
-    if letter == "t":
+    elif letter == "D":
+        call.dynamic = _socks_listen(value or "")
+    elif letter == "t":
         call.tty += 1
     elif letter == "T":
         call.no_tty = True
@@ -150,6 +160,8 @@ def _option(call: SshCall, letter: str, value: Optional[str]) -> None:
         call.port = value
     elif letter == "O":
         call.control = value
+    elif letter == "e":
+        call.opts.escape = _escape_char(value or "")
     elif letter == "o":
         assert value is not None
         _config_option(call, value)
@@ -175,9 +187,10 @@ def _config_option(call: SshCall, text: str) -> None:
     elif key == "remotecommand":
         call.remote_command = None if value.lower() == "none" else value
     elif key == "sessiontype":
-        if value.lower() == "none":
-            raise SystemExit(f"malai ssh: {REFUSED['N']}")
+        call.no_command = value.lower() == "none"
         call.subsystem = value.lower() == "subsystem"
+    elif key == "dynamicforward":
+        call.dynamic = _socks_listen(value)
     elif key == "stdinnull":
         call.opts.stdin = value.lower() not in ("yes", "true")
     elif key == "forkafterauthentication" and value.lower() in ("yes", "true"):
@@ -191,6 +204,28 @@ def _config_option(call: SshCall, text: str) -> None:
         call.port = value
     else:
         call.ignored.append(f"-o {text}")
+
+
+def _escape_char(value: str) -> Optional[bytes]:
+    """``-e``: one character, ``^X`` for a control character, or ``none``."""
+    if value == "none":
+        return None
+    if len(value) == 2 and value[0] == "^" and 64 <= ord(value[1].upper()) < 96:
+        return bytes([ord(value[1].upper()) & 31])
+    if len(value) != 1 or not value.isascii():
+        raise SystemExit(f"malai ssh: -e {value}: give one character, ^X or none")
+    return value.encode()
+
+
+def _socks_listen(value: str) -> str:
+    """ssh's ``[bind_address:]port`` (or ``bind/port``) as ``HOST:PORT``: loopback unless a
+    bind address is given (``*`` or an empty one: every interface)."""
+    bind, sep, port = value.replace("/", ":").rpartition(":")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise SystemExit(f"malai ssh: -D {value}: give [bind_address:]port")
+    bind = bind.strip("[]")
+    bind = {"": "0.0.0.0" if sep else "127.0.0.1", "*": "0.0.0.0", "localhost": "127.0.0.1"}.get(bind, bind)
+    return f"[{bind}]:{port}" if ":" in bind else f"{bind}:{port}"
 
 
 def _time(value: str) -> float:
@@ -239,6 +274,10 @@ def main(argv: List[str], home: Path) -> int:
             print(e.code, file=sys.stderr)
             return EXIT_SSH
         return e.code or 0
+    if call.no_command:  # -N -D: the proxy alone, in the foreground
+        from malai.cli import socks
+
+        return socks.foreground(home, call.dynamic, call.verbose > 0, prefix="malai ssh", failed=EXIT_SSH)
     assert call.host is not None
     if call.print_config:  # git runs `ssh -G host` to learn whether this is an OpenSSH-like ssh
         print(f"host {call.host}\nhostname {call.host}\nuser {call.user or getpass.getuser()}\n"
@@ -276,7 +315,29 @@ def main(argv: List[str], home: Path) -> int:
         notes += [f"port {call.port} ignored"] if call.port else []
         notes += [f"{', '.join(call.ignored)} ignored"] if call.ignored else []
         print(f"malai ssh: {machine}.{cluster}: {asked}" + "".join(f"; {n}" for n in notes), file=sys.stderr)
-    return remote.run_one(home, opts, cluster, machine, [])
+    if call.dynamic is None:
+        return remote.run_one(home, opts, cluster, machine, [])
+    proxy = _start_socks(home, call.dynamic, opts.quiet)
+    try:
+        return remote.run_one(home, opts, cluster, machine, [])
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait()
+
+
+def _start_socks(home: Path, listen: str, quiet: bool) -> Optional[subprocess.Popen]:
+    """``malai socks`` for the session's lifetime (-D with a session), or None (said why) when it did not start."""
+    proxy = subprocess.Popen([sys.executable, "-c", "import sys; from malai.cli import main; sys.exit(main())",
+                              "--home", str(home), "socks", "--listen", listen], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None)
+    assert proxy.stdout is not None
+    if proxy.stdout.readline():  # it listens
+        proxy.stdout.close()
+        return proxy
+    proxy.wait()
+    print(f"malai ssh: -D {listen}: the SOCKS proxy did not start; the session goes on without it", file=sys.stderr)
+    return None
 
 
 CP_USAGE = """usage: malai cp [-r] [-p] [-q] SRC… DEST

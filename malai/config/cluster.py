@@ -5,7 +5,15 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import attrs
 import tomlkit
 
-from malai.config.models import ClusterConfig, ClusterManager, Command, HttpService, Machine, TcpService
+from malai.config.models import (
+    DEFAULT_HEARTBEAT,
+    ClusterConfig,
+    ClusterManager,
+    Command,
+    HttpService,
+    Machine,
+    TcpService,
+)
 from malai.config.reader import Source, Table, check_addr, check_name, check_username
 from malai.identity import ID52Error, parse_id52
 
@@ -35,10 +43,11 @@ def parse_manager_table(root: Table) -> Optional[ClusterManager]:
     id52 = _id52(t)
     name = t.string("cluster_name", required=True, check=check_name)
     editors = t.string("config_editors")
+    heartbeat = t.integer("heartbeat", low=1, high=3600, default=DEFAULT_HEARTBEAT)
     t.done()
     if id52 is None or name is None:
         return None
-    return ClusterManager(id52, name, editors)
+    return ClusterManager(id52, name, editors, heartbeat)
 
 
 def _port(t: Table) -> Optional[int]:

@@ -9,8 +9,8 @@ __all__ = ["RESERVED_NAMES", "parse_device", "check_target", "check_remote"]
 
 #: Subcommands of the ``malai`` CLI; an alias may not shadow one.
 RESERVED_NAMES = frozenset({
-    "acl", "cluster", "config", "cp", "daemon", "forward", "help", "info", "keygen", "machine",
-    "open", "ping", "rescan", "service", "ssh", "status", "stop",
+    "acl", "cluster", "config", "cp", "daemon", "forward", "help", "info", "keygen", "logs", "machine",
+    "machines", "open", "ping", "rescan", "service", "socks", "ssh", "status", "stop",
 })
 
 
@@ -87,6 +87,12 @@ def parse_device(text: str, file: str = "malai.toml") -> DeviceConfig:
         elif mode == "launch":
             tor = TorSettings("launch")
         tt.done()
+    metrics = None
+    mt = root.table("metrics")
+    if mt is not None:
+        metrics = mt.string("listen", required=True,
+                            check=lambda v: None if v.strip() else "an endpoint must not be empty")
+        mt.done()
     root.done()
     source.raise_problems()
-    return DeviceConfig(aliases, tcp, http_listen, listen, tor)
+    return DeviceConfig(aliases, tcp, http_listen, listen, tor, metrics)

@@ -5,9 +5,12 @@ from typing import Dict, Optional, Tuple
 import attrs
 
 __all__ = [
-    "ClusterConfig", "ClusterInfo", "ClusterManager", "Command", "DeviceConfig", "DirectoryEntry",
+    "DEFAULT_HEARTBEAT", "ClusterConfig", "ClusterInfo", "ClusterManager", "Command", "DeviceConfig", "DirectoryEntry",
     "HttpService", "Machine", "MachineConfig", "TcpForward", "TcpService", "TorSettings",
 ]
+
+
+DEFAULT_HEARTBEAT = 10  # seconds between a machine's heartbeats to its manager
 
 
 @attrs.frozen
@@ -17,6 +20,7 @@ class ClusterManager:
     id52: str
     cluster_name: str
     config_editors: Optional[str] = None
+    heartbeat: int = DEFAULT_HEARTBEAT  # offline after three missed
 
 
 @attrs.frozen
@@ -155,3 +159,4 @@ class DeviceConfig:
     http_listen: Optional[str] = None
     listen: Tuple[str, ...] = ()
     tor: Optional["TorSettings"] = None  # None: Tor is off
+    metrics: Optional[str] = None  # ``[metrics] listen``: where /metrics is served; None: off

@@ -2,7 +2,7 @@
 
 from twisted.protocols import amp
 
-from malai.peer.commands import EXEC_ARGUMENTS, Chunked
+from malai.peer.commands import EXEC_ARGUMENTS, MACHINE_RECORD, Chunked
 
 __all__ = ["SUMMARY_LISTS", "ControlFailed", "Exec", "ExecDenied", "Machines", "Ping", "Rescan", "Status", "Stop", "UnknownTarget",
            "Unreachable"]
@@ -117,3 +117,15 @@ class Machines(amp.Command):
     arguments = [(b"cluster", amp.Unicode())]
     response = [(b"machines", Chunked(amp.ListOf(amp.Unicode())))]  # read by malai/cli/remote.py too
     errors = {UnknownTarget: b"UNKNOWN"}
+
+
+class Inventory(amp.Command):
+    """Machines of a cluster with heartbeat and inventory: on the manager all of them (or ``machine``),
+    on a member those it may reach, as its manager answers."""
+
+    arguments = [(b"cluster", amp.Unicode()), (b"machine", amp.Unicode(optional=True))]
+    response = [(b"machines", Chunked(amp.AmpList(MACHINE_RECORD)))]
+    errors = {UnknownTarget: b"UNKNOWN", ControlFailed: b"CONTROL_FAILED"}
+
+
+__all__ += ["Inventory"]

@@ -20,6 +20,7 @@ from malai.control.commands import (
     UnknownTarget,
     Unreachable,
 )
+from malai.control.inventory import InventoryLocator
 from malai.errors import MalaiError
 from malai.peer import exec_header
 from malai.peer.links import dial_ready
@@ -32,7 +33,7 @@ from malai.services.publisher import laggards
 __all__ = ["ControlFactory", "ControlProtocol"]
 
 
-class ControlProtocol(QuietAMP):
+class ControlProtocol(InventoryLocator, QuietAMP):
     log = Logger()
 
     def __init__(self, root, listener: Optional["ControlFactory"] = None):

@@ -10,7 +10,8 @@ from twisted.protocols import amp
 
 __all__ = [
     "EXEC_ARGUMENTS", "PROTOCOL_VERSION", "Chunked", "ConfigHistory", "ConfigRefused", "GetConfig", "Hello",
-    "IncompatibleVersion", "NotAllowed", "Ping", "PushConfig", "PutConfig", "StaleBase",
+    "IncompatibleVersion", "MACHINE_RECORD", "Heartbeat", "ListMachines", "NotAllowed", "Ping", "PushConfig",
+    "PutConfig", "StaleBase", "inventory_arguments",
 ]
 
 #: Bumped on any incompatible change to the commands below.
@@ -132,3 +133,46 @@ EXEC_ARGUMENTS = [
     (b"line", amp.Unicode(optional=True)),  # instead of argv: ssh's command string (malai ssh)
     (b"subsystem", amp.Unicode(optional=True)),  # instead of argv: ``sftp`` (malai ssh -s)
 ]
+
+
+# -- observability (malai.peer.heartbeat answers these on the manager) ---------------------------
+
+def inventory_arguments(optional: bool = False) -> list:
+    """What a machine runs on (see malai.inventory); ``optional`` in a listing, where a machine
+    not heard from yet has none."""
+    text, integer, number = (lambda: amp.Unicode(optional=optional), lambda: amp.Integer(optional=optional),
+                             lambda: amp.Float(optional=optional))
+    return [
+        (b"version", text()), (b"os", text()), (b"kernel", text()), (b"hostname", text()),
+        (b"cpus", integer()), (b"load", amp.ListOf(amp.Float(), optional=optional)),
+        (b"memory_total", integer()), (b"memory_used", integer()),
+        (b"disk_total", integer()), (b"disk_used", integer()),
+        (b"uptime", number()), (b"rss", integer()), (b"fds", integer()),
+        (b"paths", amp.ListOf(amp.Unicode(), optional=optional)),
+    ]
+
+
+class Heartbeat(amp.Command):
+    """Machine → its manager, over the link the machine keeps: alive, with its inventory, its
+    config version, the hint its link took and the round trip of its previous heartbeat."""
+
+    arguments = [*inventory_arguments(), (b"config_version", amp.Integer()), (b"link", amp.Unicode()),
+                 (b"rtt", amp.Float(optional=True))]
+    response: list = []
+    errors = {NotAllowed: b"NOT_ALLOWED"}
+
+
+#: One machine as its manager knows it; the inventory is absent until its first heartbeat.
+MACHINE_RECORD = [
+    (b"name", amp.Unicode()), (b"id52", amp.Unicode()), (b"online", amp.Boolean()), (b"last_seen", amp.Float()),
+    (b"heartbeat", amp.Integer()), (b"config_version", amp.Integer()), (b"sync", amp.Unicode()),
+    (b"link", amp.Unicode()), (b"rtt", amp.Float(optional=True)), *inventory_arguments(optional=True),
+]
+
+
+class ListMachines(amp.Command):
+    """Member → manager: the machines the caller may reach (``machine``: that one only)."""
+
+    arguments = [(b"machine", amp.Unicode(optional=True))]
+    response = [(b"machines", Chunked(amp.AmpList(MACHINE_RECORD)))]
+    errors = {NotAllowed: b"NOT_ALLOWED"}

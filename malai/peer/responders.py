@@ -5,7 +5,6 @@ Every request is authorised here against the link's verified peer ID52; the clus
 service does the work."""
 
 from twisted.logger import Logger
-from twisted.protocols import amp
 
 from malai.acl import Denied
 from malai.config.envelope import Envelope
@@ -16,6 +15,7 @@ from malai.p2p.link import PeerAddress
 from malai.peer import exec_header
 from malai.peer.commands import ConfigHistory, ConfigRefused, GetConfig, NotAllowed, PushConfig, PutConfig, StaleBase
 from malai.peer.execution import BadRequest, ExecSession, caller_name, prepare
+from malai.peer.heartbeat import HeartbeatLocator
 from malai.peer.http_headers import Caller
 from malai.peer.http_proxy import HttpSession
 from malai.peer.streams import StreamRefused, StreamRequest
@@ -26,7 +26,7 @@ __all__ = ["ClusterResponder", "StreamResponder"]
 HISTORY_SHOWN = 200  # the latest versions: what one AMP value (64 KiB) holds with room to spare
 
 
-class ClusterResponder(amp.CommandLocator):
+class ClusterResponder(HeartbeatLocator):  # heartbeats: malai.peer.heartbeat
     log = Logger()
 
     def __init__(self, cluster, peer: PeerAddress):

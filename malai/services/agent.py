@@ -1,17 +1,23 @@
-"""``MachineAgent`` (machine): keep a link to the cluster manager, accept its signed configs."""
+"""``MachineAgent`` (machine): keep a link to the cluster manager, report to it in heartbeats,
+accept its signed configs."""
 
 import hashlib
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from twisted.application.service import Service
 from twisted.logger import Logger
+from twisted.protocols import amp
 
 from malai.atomic import write_atomic
 from malai.config.envelope import Envelope
 from malai.config.errors import ConfigError
 from malai.config.machine import parse_machine_config
 from malai.errors import MalaiError
+from malai.inventory import inventory
+from malai.peer.commands import Heartbeat, NotAllowed
+from malai.peer.ping import ping
 from malai.services.keeper import LinkKeeper
+from malai.services.tor import tor_hint
 
 __all__ = ["MachineAgent"]
 
@@ -60,8 +66,51 @@ class MachineAgent(Service):
             self.keepers.pop(peer).stop()
         for peer, label in wanted.items():
             if peer not in self.keepers:
-                self.keepers[peer] = LinkKeeper(self.reactor, self.cluster, self.pool, peer, label, self.heartbeat)
+                manager = peer == self.manager
+                self.keepers[peer] = LinkKeeper(self.reactor, self.cluster, self.pool, peer, label, self.heartbeat,
+                                                self._beat if manager else None)
                 self.keepers[peer].start()
+        keeper = self.keepers[self.manager]
+        keeper.heartbeat = self.cluster.heartbeat_interval()
+        keeper.hurry()  # the config may have changed: report at once
+
+    # -- heartbeats -----------------------------------------------------------------
+    _refused: Optional[str] = None  # why the manager refused our last heartbeat
+
+    def _beat(self, link):
+        """Tell the manager we are alive, what we run on and how we reach it."""
+        keeper = self.keepers.get(self.manager)
+        fields = {**inventory(self.cluster.entry.path), "paths": self.paths(), "config_version": self.current_version(),
+                  "link": link.peer.hint or "inbound", "rtt": keeper.rtt if keeper is not None else None}
+        d = link.callRemote(Heartbeat, **fields)
+        d.addCallback(self._heard)
+        d.addErrback(self._not_heard, link)
+        return d
+
+    def _heard(self, _) -> None:
+        self.log.debug("{cluster}: heartbeat to the manager answered", cluster=self.cluster.name)
+        if self._refused is not None:
+            self.log.info("{cluster}: the manager takes our heartbeats again", cluster=self.cluster.name)
+            self._refused = None
+
+    def _not_heard(self, failure, link):
+        """An older manager, or one that refuses us: the link is still up if it answers a ping."""
+        failure.trap(NotAllowed, amp.UnhandledCommand)
+        reason = failure.getErrorMessage()
+        if reason != self._refused:
+            self.log.warn("{cluster}: the manager refused our heartbeat: {reason}", cluster=self.cluster.name,
+                          reason=reason)
+            self._refused = reason
+        return ping(link)
+
+    def paths(self) -> List[str]:
+        """Hints that reach this machine: where it listens, its relays, its onion service."""
+        daemon = self.cluster.daemon
+        hints = [f"tcp:{addr}" for addr in daemon.hello.addrs]
+        hints += [f"relay:{relay}" for relay in self.cluster.relays()]
+        if daemon.tor is not None and daemon.tor.onions.get(self.cluster.identity.id52) is not None:
+            hints.append(tor_hint(self.cluster.identity.id52))
+        return hints
 
     # -- receiving ----------------------------------------------------------------
     def current_version(self) -> int:

@@ -9,6 +9,7 @@ from twisted.protocols import amp
 
 from malai.acl import Acl, Decision, expression_terms
 from malai.audit import AuditLog
+from malai.config.models import DEFAULT_HEARTBEAT
 from malai.config.store import ClusterStore
 from malai.errors import MalaiError
 from malai.home import MANAGER, ClusterEntry
@@ -18,6 +19,7 @@ from malai.peer.relaying import Relayer
 from malai.peer.responders import ClusterResponder, StreamResponder
 from malai.peer.streams import StreamRefused
 from malai.services.agent import MachineAgent
+from malai.services.heartbeats import MachineHealth
 from malai.services.publisher import ConfigPublisher
 
 __all__ = ["ClusterService"]
@@ -38,11 +40,14 @@ class ClusterService(MultiService):
         self._derived: Dict[str, Any] = {}  # what peers(), members() and name_of() derive from the entry
         self.publisher: Optional[ConfigPublisher] = None
         self.agent: Optional[MachineAgent] = None
+        self.health: Optional[MachineHealth] = None
         if daemon is None:
             return
         if entry.role == MANAGER:
             self.publisher = ConfigPublisher(daemon.reactor, self, daemon.pool, self.store)
             self.publisher.setServiceParent(self)
+            self.health = MachineHealth(daemon.reactor, entry.path / "machines.json")
+            self.health.setServiceParent(self)
         else:
             self.agent = MachineAgent(daemon.reactor, self, daemon.pool)
             self.agent.setServiceParent(self)
@@ -59,7 +64,8 @@ class ClusterService(MultiService):
 
     @property
     def audit(self) -> AuditLog:
-        return AuditLog(self.daemon.home.log_dir / "audit.jsonl")
+        metrics = getattr(self.daemon, "metrics", None)
+        return AuditLog(self.daemon.home.log_dir / "audit.jsonl", metrics.audit if metrics is not None else None)
 
     @property
     def store(self) -> ClusterStore:
@@ -74,6 +80,8 @@ class ClusterService(MultiService):
             self.publisher.publish()
         if self.agent is not None:
             self.agent.sync()
+        if self.health is not None and entry.cluster is not None:
+            self.health.forget_all_but(m.id52 for m in entry.cluster.machines.values())
 
     def config_changed(self) -> None:
         """Our config file was just written (upload, push): apply it like a rescan."""
@@ -275,10 +283,36 @@ class ClusterService(MultiService):
             return self.publisher.version() or 0
         return self.entry.machine.version if self.entry.machine is not None else 0
 
+    def heartbeat_interval(self) -> int:
+        e = self.entry
+        manager = e.cluster.manager if e.cluster is not None else e.machine.manager if e.machine is not None else None
+        return manager.heartbeat if manager is not None else DEFAULT_HEARTBEAT
+
+    def machine_records(self, caller: Optional[str] = None, only: Optional[str] = None) -> List[dict]:
+        """On the manager: every machine (or those ``caller`` may reach), as heartbeats and pushes left them."""
+        config = self.entry.cluster
+        if config is None or self.health is None or self.publisher is None:
+            return []
+        if caller is None:
+            names = [m.name for m in config.machines.values()]
+        else:
+            part = self.publisher.made.get(self.name_of(caller))
+            names = list(part.directory) if part is not None else []
+        if only is not None:
+            names = [n for n in names if n == only]
+        sync = {m["machine"]: m for m in self.publisher.sync_state()}
+        return self.health.records([(n, config.machines[n].id52) for n in names if n in config.machines],
+                                   self.heartbeat_interval(), sync)
+
     def summary(self) -> dict:
         e = self.entry
         machines = len(e.cluster.machines) if e.cluster is not None else 0
         sync = self.publisher.sync_state() if self.publisher is not None else []
+        if self.health is not None and e.cluster is not None:  # last seen: the last heartbeat, if any came
+            for m in sync:
+                machine = e.cluster.machines.get(m["machine"])
+                seen = self.health.last_seen(machine.id52) if machine is not None else 0.0
+                m["last_seen"] = seen or m["last_seen"]
         counts = Counter(m["sync"] for m in sync)
         return {"cluster": self.name, "role": self.role, "id52": self.identity.id52, "machines": machines,
                 "waiting_for_config": e.role != MANAGER and e.machine is None,

@@ -1,14 +1,17 @@
 """``LinkKeeper``: keeps one link up, as an Automat state machine.
 
 A machine keeps links to its manager and relays so they can reach it even
-when nobody can dial it. The keeper dials, pings over the link as a
-heartbeat, and re-dials with backoff when the link drops or a dial fails::
+when nobody can dial it. The keeper dials, probes the link every ``heartbeat``
+seconds (a ping, or to the manager a heartbeat with the machine's inventory),
+and re-dials with backoff when the link drops or a dial fails::
 
-    idle --start--> waiting --tick--> checking --up--> linked --tick--> checking …
+    idle --start--> waiting --tick--> checking --up--> linked --tick/hurry--> checking …
                        ^                  |               |
                        +------down--------+<-----lost-----+
     (any) --stop--> stopped
 """
+
+from typing import Callable, Optional
 
 from automat import MethodicalMachine
 from twisted.logger import Logger
@@ -24,9 +27,13 @@ class LinkKeeper:
     machine = MethodicalMachine()
     log = Logger()
 
-    def __init__(self, reactor, cluster, pool, peer: str, label: str, heartbeat: float):
+    def __init__(self, reactor, cluster, pool, peer: str, label: str, heartbeat: float,
+                 probe: Optional[Callable] = None):
+        """``probe(link)`` returns a Deferred that fires when the peer answered (default: a ping)."""
         self.reactor, self.cluster, self.pool = reactor, cluster, pool
         self.peer, self.label, self.heartbeat = peer, label, heartbeat
+        self.probe = probe if probe is not None else ping
+        self.rtt: Optional[float] = None  # seconds the last probe took
         self.link = None
         self._call = None
         self._delay = RETRY_FIRST
@@ -66,6 +73,10 @@ class LinkKeeper:
         "The link answered a ping."
 
     @machine.input()
+    def hurry(self):
+        "Something to report: probe now rather than at the next heartbeat."
+
+    @machine.input()
     def down(self, reason: str):
         "Dialing or pinging failed."
 
@@ -84,10 +95,19 @@ class LinkKeeper:
 
     @machine.output()
     def _check(self):
-        self._call = None
+        self._cancel_timer()  # a hurry comes before the scheduled tick
         d = self.pool.get(self.cluster.identity, self.peer)
-        d.addCallback(lambda link: ping(link).addCallback(lambda _: link))
+        d.addCallback(self._probe)
         d.addCallbacks(self.up, lambda failure: self.down(failure.getErrorMessage()))
+
+    def _probe(self, link):
+        started = self.reactor.seconds()
+
+        def answered(_):
+            self.rtt = self.reactor.seconds() - started
+            return link
+
+        return self.probe(link).addCallback(answered)
 
     @machine.output()
     def _note_link(self, link):
@@ -140,6 +160,9 @@ class LinkKeeper:
     checking.upon(up, enter=linked, outputs=[_note_link])
     checking.upon(down, enter=waiting, outputs=[_back_off])
     linked.upon(tick, enter=checking, outputs=[_check])
+    linked.upon(hurry, enter=checking, outputs=[_check])
+    for _state in (idle, waiting, checking, stopped):
+        _state.upon(hurry, enter=_state, outputs=[])  # a probe is due or under way anyway
     linked.upon(lost, enter=waiting, outputs=[_forget])
     for _state in (idle, waiting, checking):
         _state.upon(lost, enter=_state, outputs=[])  # an old link; the next check finds out

@@ -179,10 +179,13 @@ class ConfigPublisher(Service):
         d.addCallback(lambda link: link.callRemote(
             PushConfig, cluster=envelope.cluster, machine=envelope.machine, version=envelope.version,
             sha256=envelope.sha256, body=envelope.body, signature=envelope.signature))
-        d.addBoth(self._answered, name, envelope)
+        d.addBoth(self._answered, name, envelope, self.reactor.seconds())
 
-    def _answered(self, answer, name: str, envelope: Envelope) -> None:
+    def _answered(self, answer, name: str, envelope: Envelope, sent: float) -> None:
         self.in_flight.discard(name)
+        metrics = getattr(self.cluster.daemon, "metrics", None)
+        if metrics is not None:
+            metrics.pushed(self.cluster.name, not isinstance(answer, Failure), self.reactor.seconds() - sent)
         if isinstance(answer, Failure):
             self._failed(answer.getErrorMessage(), name, envelope)
         elif answer["sha256"] != envelope.sha256:

@@ -30,6 +30,7 @@ from malai.services.cluster import ClusterService
 from malai.services.forwarding import Forwards
 from malai.services.listening import ListeningService
 from malai.services.memory import MemoryTrim
+from malai.services.metrics import apply_metrics
 from malai.services.report import Report, change
 from malai.services.tor import TorService
 
@@ -62,6 +63,7 @@ class MalaiService(MultiService):
         self.http_upstreams = UpstreamPool(reactor)
         self.relayer = Relayer(reactor)
         self.tor: Optional[TorService] = None
+        self.metrics = self.metrics_listener = None  # [metrics] in malai.toml: malai.services.metrics
         self.dialer.kinds["relay"] = relay_endpoint(
             lambda local, relay: self.pool.get(local, relay, self.dialer.direct_hints(relay)))
         self.accept = server_factory(self.tls, self._route, reactor)  # peer links, direct or arriving through a relay
@@ -234,6 +236,7 @@ class MalaiService(MultiService):
             else:
                 reports.extend(self.forwards.apply(device, check))
                 reports.extend(self._apply_tor(device.tor, check))
+                reports.extend(apply_metrics(self, device.metrics, check))
         entries = self.home.scan(only)
         by_id52: Dict[str, str] = {}
         for entry in entries:
