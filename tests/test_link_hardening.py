@@ -949,6 +949,20 @@ class PoolUnitTests(SynchronousTestCase):
         self.assertIs(self.successResultOf(pool.get(me, "peer")), link)
         self.assertEqual(len(dialer.dials), 1)
 
+    def test_when_the_link_used_closes_another_ready_one_takes_over(self):
+        """A machine behind NAT re-dialed while its old link was still taken for alive: once the
+        old one closes, its new link is used (else the pair would have none until the next dial)."""
+        Link = LostLinkUnitTests.Link
+        pool = LinkPool(None, None)
+        old, new = Link("me", "machine", dialer=False), Link("me", "machine", dialer=False)
+        self.assertIs(pool.adopt(old), old)
+        self.assertIs(pool.adopt(new), old)  # the older of two the machine dialed
+        old.closed.callback(old)
+        self.assertIs(pool.current("me", "machine"), new)
+        new.closed.callback(new)
+        self.assertIsNone(pool.current("me", "machine"))
+        self.assertEqual((pool._links, pool._others), ({}, {}))
+
     def test_simultaneous_dials_settle_on_the_smaller_id52s_link_on_both_sides(self):
         small, large = "a" * 52, "b" * 52
         Link = LostLinkUnitTests.Link

@@ -283,7 +283,9 @@ def _print_status(state: dict) -> None:
               f"{c['config_version']}, {c['links']} links{waiting}")
         print(f"    config {c['config']}")
         for link in c["peer_links"]:  # a summary: the first ten
-            print(f"    link to {link['peer']}: {link['path']}")
+            rtt = f", round trip {link['rtt'] * 1000:.1f} ms" if link.get("rtt") is not None else ""
+            streams = f", {link['streams'] - 1} streams" if link.get("streams", 1) > 1 else ""
+            print(f"    link to {link['peer']}: {link['path']}{rtt}{streams}")
         if c["links"] > len(c["peer_links"]):
             print(f"    … and {c['links'] - len(c['peer_links'])} more links (`malai status --json` lists them all)")
         _print_sync(c)
@@ -292,7 +294,7 @@ def _print_status(state: dict) -> None:
     if state.get("tor", "off") != "off":
         print(f"  tor {state['tor']}: {', '.join(state['onions']) or 'no onion service up yet'}")
     if state.get("relay_total"):
-        print(f"  relayed {state['relay_total']} streams ({state['relay_active']} open), {state['relay_bytes']} bytes")
+        print(f"  relayed {state['relay_total']} links ({state['relay_active']} open), {state['relay_bytes']} bytes")
     if state.get("http"):
         print(f"  http front on {state['http']}: {', '.join(state['http_urls']) or 'no services to reach'}")
 
