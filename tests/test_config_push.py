@@ -17,7 +17,7 @@ from malai.identity import Identity
 from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.tls import PeerTLS
 from malai.peer.commands import ConfigRefused, PushConfig
-from malai.peer.links import LinkPool
+from malai.peer.links import LinkPool, link_factory
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from tests.helpers import DaemonHome, is_dead, wait_for
 
@@ -156,7 +156,8 @@ class RefusalTests(TestCase):
 
     @defer.inlineCallbacks
     def push_as(self, identity, envelope):
-        pool = LinkPool(Dialer(reactor, PeerTLS([identity]), AddressBook()), PeerAMPFactory(HelloInfo(), True))
+        commands = PeerAMPFactory(HelloInfo(), True)
+        pool = LinkPool(Dialer(reactor, PeerTLS([identity]), AddressBook()), link_factory(commands))
         try:
             link = yield pool.get(identity, self.web01_id52, [self.c.web01.peer_addr()])
             e = yield self.assertFailure(link.callRemote(

@@ -14,7 +14,7 @@ from malai.identity import Identity
 from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.tls import PeerTLS
 from malai.peer.commands import Heartbeat, ListMachines, NotAllowed
-from malai.peer.links import LinkPool
+from malai.peer.links import LinkPool, link_factory
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from tests.helpers import KEYS, DaemonHome, wait_for
 
@@ -141,7 +141,7 @@ class TrustTests(TestCase):
 
     @defer.inlineCallbacks
     def call_as(self, identity, command, **kwargs):
-        pool = LinkPool(Dialer(reactor, PeerTLS([identity]), AddressBook()), PeerAMPFactory(HelloInfo(), True))
+        pool = LinkPool(Dialer(reactor, PeerTLS([identity]), AddressBook()), link_factory(PeerAMPFactory(HelloInfo(), True)))
         try:
             link = yield pool.get(identity, self.c.cm_id52, [self.c.cm.peer_addr()])
             return (yield link.callRemote(command, **kwargs))
