@@ -89,7 +89,8 @@ class RelayEndToEnd(TestCase):
         config = cm.root / "clusters" / "company" / "cluster.toml"
         config.write_text(config.read_text() + (
             f'\n[machine.web01]\nid52 = "{ids["web01"]}"\nallow_from = "laptop"\n'
-            '\n[machine.web01.tcp.redis]\nport = 6379\nallow_from = "laptop"\n'
+            '\n[machine.web01.command.whoami]\ncommand = "hostname -I"\nallow_from = "*"\n'
+            '\n[machine.web01.tcp.redis]\nport = 6379\nallow_from = "*"\n'
             f'\n[machine.laptop]\nid52 = "{ids["laptop"]}"\n'
             f'\n[machine.relay01]\nid52 = "{ids["relay01"]}"\naddrs = ["10.201.0.1:7422"]\nrelay = true\n'))
         cm.ok("rescan")
@@ -122,6 +123,15 @@ class RelayEndToEnd(TestCase):
         self.assertGreaterEqual(manager["relay_total"], 1)
         paths = {link["peer"]: link["path"] for link in laptop.status()["clusters"][0]["peer_links"]}
         self.assertEqual(paths["web01"], f"relay:{ids['relay01']}")
+        # the manager, which web01 dials and nobody can reach web01 from, runs a command and forwards to it
+        # over the link web01 keeps: streams opened by the side that accepted the link
+        r = cm.malai("web01.company", "whoami")
+        self.assertEqual((r.returncode, r.stdout.split()), (0, ["10.201.0.2"]), r.stderr)
+        if redis is not None:
+            cm.ok("service", "add", "tcp", "redis", "127.0.0.1:6391", "redis.web01.company")
+            self.assertEqual(hub.run("redis-cli", "-p", "6391", "GET", "k").stdout.strip(), MARKER.decode())
+        paths = {link["peer"]: link["path"] for link in cm.status()["clusters"][0]["peer_links"]}
+        self.assertEqual(paths["web01"], "inbound")
 
 
 class _Echo(protocol.Protocol):

@@ -47,7 +47,9 @@ class Status(amp.Command):
             (b"pending", amp.Integer()),
             (b"failing", amp.Integer()),
             (b"links", amp.Integer()),
-            (b"peer_links", Chunked(amp.AmpList([(b"peer", amp.Unicode()), (b"path", amp.Unicode())]))),
+            (b"peer_links", Chunked(amp.AmpList([(b"peer", amp.Unicode()), (b"path", amp.Unicode()),
+                                                 (b"rtt", amp.Float(optional=True)),
+                                                 (b"streams", amp.Integer(optional=True))]))),
             (b"sync", Chunked(amp.AmpList([
                 (b"machine", amp.Unicode()),
                 (b"version", amp.Integer()),
