@@ -5,6 +5,7 @@ from pathlib import Path
 
 from twisted.python import usage
 
+from malai.config.models import DeviceConfig
 from malai.errors import MalaiError
 
 __all__ = ["Options", "makeService"]
@@ -54,7 +55,8 @@ def makeService(options: Options):
         home.ensure()
         lock = DaemonLock(home.lock)
         lock.acquire()
-        listen = options["listen"] or list(_device_listen(home)) or [DEFAULT_LISTEN]
+        device = _device(home)
+        listen = options["listen"] or list(device.listen) or [DEFAULT_LISTEN]
         if options["control"]:
             control = options["control"]
         else:
@@ -66,7 +68,7 @@ def makeService(options: Options):
             control = control_endpoint(home.socket)
     except MalaiError as e:
         raise SystemExit(f"malai: {e}") from None
-    return MalaiService(reactor, home, lock, listen, control)
+    return MalaiService(reactor, home, lock, listen, control, links=device.links)
 
 
 def raise_fd_limit() -> None:
@@ -78,11 +80,11 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
 
 
-def _device_listen(home) -> tuple:
+def _device(home) -> DeviceConfig:
     try:
-        return home.load_device().listen
+        return home.load_device()
     except MalaiError:
-        return ()  # reported by the first rescan; the daemon still starts
+        return DeviceConfig()  # reported by the first rescan; the daemon still starts
 
 
 def _set_log_level(option, level_problem, set_level) -> None:

@@ -16,7 +16,7 @@ from malai.config import (
     render_machine_config,
 )
 from malai.config.locate import KeyLocator
-from malai.config.models import ClusterInfo
+from malai.config.models import ClusterInfo, LinkLimits
 from malai.errors import MalaiError
 from tests.helpers import KEYS, cluster_text
 
@@ -194,6 +194,15 @@ class OtherFilesTests(SynchronousTestCase):
         self.assertEqual(d.tcp["mysql"].remote, "mysql.db01.company")
         self.assertEqual(d.http_listen, "127.0.0.1:8080")
         self.assertEqual(d.listen, ("tcp:7420",))
+
+    def test_link_limits(self):
+        self.assertEqual(parse_device("").links, LinkLimits(4096, 5, 10))
+        d = parse_device("[links]\nmax_streams = 100\nping_interval = 2\ndrain_time = 60\n")
+        self.assertEqual(d.links, LinkLimits(100, 2, 60))
+        got = problems(parse_device, "[links]\nmax_streams = 0\nping_interval = 1.5\nbuffer = 3\n", "malai.toml")
+        self.assertEqual(got, ["malai.toml:2: links.max_streams: must be from 1 to 1048576, not 0",
+                               "malai.toml:3: links.ping_interval: must be an integer, not a number",
+                               "malai.toml:4: links.buffer: unknown key"])
 
     def test_alias_shadowing_subcommand(self):
         got = problems(parse_device, '[aliases]\nok = "a.b"\nstatus = "web01.company uptime"\n', "malai.toml")

@@ -225,3 +225,32 @@ class BlackholeTests(TestCase):
         self.assertLess(took, 25)  # 15 s of silence, then the link goes
         log = (cm.root / "log" / "malai.log").read_text()
         self.assertIn("no answer for", log)
+
+
+class LinkLimitTests(TestCase):
+    def test_max_streams_from_malai_toml_holds_opens_past_it_until_a_stream_ends(self):
+        echo = _Server(self, _echo)
+
+        def config(ids, ports):
+            return (f'\n[machine.laptop]\nid52 = "{ids["laptop"]}"\n'
+                    f'\n[machine.db01]\nid52 = "{ids["db01"]}"\naddrs = ["127.0.0.1:{ports["db01"]}"]\n'
+                    f'\n[machine.db01.tcp.echo]\nport = {echo.port}\nallow_from = "laptop"\n')
+
+        cluster = LoopbackCluster(("db01", "laptop"), config)
+        self.addCleanup(cluster.close)
+        db01 = cluster.homes["db01"]
+        db01.ok("stop")
+        (db01.root / "malai.toml").write_text("[links]\nmax_streams = 3  # the control stream and two more\n")
+        db01.start(f"tcp:{cluster.ports['db01']}:interface=127.0.0.1")
+        port = free_port()
+        cluster.homes["laptop"].ok("service", "add", "tcp", "echo", f"127.0.0.1:{port}", "echo.db01.company")
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        self.addCleanup(lambda: [s.close() for s in socks])
+        for i, s in enumerate(socks):
+            s.sendall(b"%d" % i)
+        self.assertEqual([socks[0].recv(10), socks[1].recv(10)], [b"0", b"1"])
+        socks[2].settimeout(1)
+        self.assertRaises(socket.timeout, socks[2].recv, 10)  # its stream waits for a free one
+        socks[0].close()
+        socks[2].settimeout(10)
+        self.assertEqual(socks[2].recv(10), b"2")

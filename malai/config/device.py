@@ -2,7 +2,7 @@
 
 from typing import Dict, Optional
 
-from malai.config.models import DeviceConfig, TcpForward, TorSettings
+from malai.config.models import DeviceConfig, LinkLimits, TcpForward, TorSettings
 from malai.config.reader import Source, check_addr, check_name
 
 __all__ = ["RESERVED_NAMES", "parse_device", "check_target", "check_remote"]
@@ -93,6 +93,13 @@ def parse_device(text: str, file: str = "malai.toml") -> DeviceConfig:
         metrics = mt.string("listen", required=True,
                             check=lambda v: None if v.strip() else "an endpoint must not be empty")
         mt.done()
+    links = LinkLimits()
+    lt = root.table("links")
+    if lt is not None:
+        links = LinkLimits(lt.integer("max_streams", low=1, high=1 << 20, default=links.max_streams),
+                           lt.integer("ping_interval", low=1, high=3600, default=links.ping_interval),
+                           lt.integer("drain_time", low=0, high=3600, default=links.drain_time))
+        lt.done()
     root.done()
     source.raise_problems()
-    return DeviceConfig(aliases, tcp, http_listen, listen, tor, metrics)
+    return DeviceConfig(aliases, tcp, http_listen, listen, tor, metrics, links)

@@ -151,6 +151,15 @@ class TorSettings:
 
 
 @attrs.frozen
+class LinkLimits:
+    """``[links]`` of ``malai.toml``: the limits of every multiplexed peer link (read at start)."""
+
+    max_streams: int = 4096  # streams a peer may have open on one link at once
+    ping_interval: int = 5  # seconds between PINGs; three silent intervals close a link
+    drain_time: int = 10  # seconds open streams get to finish on ``malai stop``
+
+
+@attrs.frozen
 class DeviceConfig:
     """``malai.toml``: device-wide settings."""
 
@@ -160,3 +169,4 @@ class DeviceConfig:
     listen: Tuple[str, ...] = ()
     tor: Optional["TorSettings"] = None  # None: Tor is off
     metrics: Optional[str] = None  # ``[metrics] listen``: where /metrics is served; None: off
+    links: LinkLimits = LinkLimits()

@@ -11,7 +11,7 @@ without a message; the other is left to whoever holds it and closes once idle
 (``PeerAMP``'s idle timeout: no command and no stream).
 """
 
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, cast
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import Protocol
@@ -20,10 +20,10 @@ from twisted.logger import Logger
 from malai.identity import Identity
 from malai.p2p.dial import Dialer
 from malai.peer.mux import MuxLink, MuxLinkFactory, MuxSettings, Responder
-from malai.peer.protocol import PeerAMPFactory
+from malai.peer.protocol import PeerAMP, PeerAMPFactory
 from malai.peer.streams import StreamRefused
 
-__all__ = ["LinkPool", "dial_ready", "hello_of", "link_factory"]
+__all__ = ["LinkPool", "dial_ready", "hello_of", "link_factory", "when_ready"]
 
 Key = Tuple[str, str]
 
@@ -39,15 +39,16 @@ def dial_ready(dialer: Dialer, local: Identity, peer: str, factory: MuxLinkFacto
                hints: Optional[List[str]] = None) -> Deferred:
     """Dial ``peer`` and fire with the link once both sides said ``Hello``."""
     d = dialer.connect(local, peer, factory, hints)
-    d.addCallback(_when_ready)
+    d.addCallback(when_ready)
     return d
 
 
-def _when_ready(link: MuxLink) -> Deferred:
+def when_ready(link: MuxLink) -> Deferred:
     """Fire with ``link`` once its control stream is open and the Hellos are exchanged."""
-    d = link.ready.addCallback(lambda _: link.control.ready)
-    d.addCallback(lambda _: link)
-    return d
+    def hello(_) -> Deferred:
+        return cast(PeerAMP, link.control).ready
+
+    return link.ready.addCallback(hello).addCallback(lambda _: link)
 
 
 def hello_of(link: MuxLink) -> dict:

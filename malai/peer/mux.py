@@ -487,7 +487,7 @@ class MuxLink(Protocol):
             stream = self._unanswered.popleft()
             if stream.ended or self._gone:
                 continue
-            answer = maybeDeferred(self.responder, stream.request)
+            answer = maybeDeferred(cast(Responder, self.responder), stream.request)
             self._answering[stream.stream_id] = answer
             answer.addBoth(self._answered, stream)
         if self._unanswered and not self._gone:

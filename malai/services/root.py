@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 import malai
 from malai.config import ConfigError
-from malai.config.models import TorSettings
+from malai.config.models import LinkLimits, TorSettings
 from malai.errors import MalaiError
 from malai.home import ClusterEntry, Home
 from malai.lock import DaemonLock
@@ -21,8 +21,8 @@ from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.link import PeerAddress, server_factory
 from malai.p2p.tls import PeerTLS
 from malai.peer.http_proxy import UpstreamPool
-from malai.peer.links import LinkPool, hello_of, link_factory
-from malai.peer.mux import MuxLink
+from malai.peer.links import LinkPool, hello_of, link_factory, when_ready
+from malai.peer.mux import MuxLink, MuxSettings
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from malai.peer.relaying import Relayer, relay_endpoint
 from malai.peer.streams import StreamRefused, StreamRequest
@@ -44,12 +44,12 @@ class MalaiService(MultiService):
     log = Logger()
 
     def __init__(self, reactor, home: Home, lock: DaemonLock, listen: Sequence[str], control: str,
-                 stop_timeout: float = 10.0):
+                 links: LinkLimits = LinkLimits()):
         super().__init__()
         self.reactor = reactor
         self.home = home
         self.lock = lock
-        self.stop_timeout = stop_timeout
+        self.stop_timeout = links.drain_time
         self.started_at = time.time()
         self.tls = PeerTLS()
         self.book = AddressBook()
@@ -57,7 +57,9 @@ class MalaiService(MultiService):
         self.hello = HelloInfo()
         self._commands = [PeerAMPFactory(self.hello, dialer, responder=self._responder, idle_timeout=IDLE_TIMEOUT,
                                          clock=reactor) for dialer in (True, False)]
-        dialing, accepting = (link_factory(c, self._answer_stream, clock=reactor) for c in self._commands)
+        settings = MuxSettings(max_concurrent_streams=links.max_streams, ping_interval=links.ping_interval,
+                               drain_time=links.drain_time)
+        dialing, accepting = (link_factory(c, self._answer_stream, settings, reactor) for c in self._commands)
         self.pool = LinkPool(self.dialer, dialing)
         self._accepted = accepting
         self.http_upstreams = UpstreamPool(reactor)
@@ -200,11 +202,10 @@ class MalaiService(MultiService):
         if cluster is None or not cluster.knows(addr.peer):
             return None
         link = self._accepted.buildProtocol(addr)
-        link.ready.addCallback(lambda _: link.control.ready)
-        link.ready.addCallbacks(self._accepted_link, lambda f: None, callbackArgs=(link,))  # a refusal is logged
+        when_ready(link).addCallbacks(self._accepted_link, lambda f: None)  # a refusal is logged by the link
         return link
 
-    def _accepted_link(self, _, link: MuxLink) -> None:
+    def _accepted_link(self, link: MuxLink) -> None:
         """Reuse a link the peer opened, learn where it listens, tell its cluster."""
         self.pool.adopt(link)
         observed = getattr(link.peer.address, "host", "")
