@@ -222,89 +222,98 @@ def sink_stream(link, total):
     return client
 
 
+PHASES = ("bulk", "rtt", "opens", "amp", "beside")
+
+
 @defer.inlineCallbacks
 def main(args, mux_port, plain_port):
-    total, count = args.mib << 20, args.count
+    total, count, only = args.mib << 20, args.count, args.only
     link = yield connect_link(mux_port, args)
+    rows = []
 
-    mux_bulk, plain_bulk = yield both_bulks(link, plain_port, total)
+    if "bulk" in only:
+        mux_bulk, plain_bulk = yield both_bulks(link, plain_port, total)
+        rows.append((f"bulk {args.mib} MiB, one stream", f"{plain_bulk:.0f} MB/s", f"{mux_bulk:.0f} MB/s",
+                     f"{mux_bulk / plain_bulk:.2f}x"))
 
-    # round trips
-    client = Client()
-    yield link.open("echo", "", client)
-    mux_rtt = summary((yield round_trips(client, count)))
-    client.transport.loseConnection()
-    client = yield tls_connect(plain_port)
-    client.transport.write(b"echo\n")
-    plain_rtt = summary((yield round_trips(client, count)))
-    client.transport.loseConnection()
-
-    # stream opens
-    mux_opens = yield timed(count, lambda: one_exchange(lambda p: link.open("echo", "", p)))
-
-    @defer.inlineCallbacks
-    def plain_open():
-        client = yield tls_connect(plain_port)
-        client.transport.write(b"echo\nx")
-        yield client.wait(1)
+    mux_rtt = None
+    if "rtt" in only or "beside" in only:
+        client = Client()
+        yield link.open("echo", "", client)
+        mux_rtt = summary((yield round_trips(client, count)))
         client.transport.loseConnection()
+    if "rtt" in only:
+        client = yield tls_connect(plain_port)
+        client.transport.write(b"echo\n")
+        plain_rtt = summary((yield round_trips(client, count)))
+        client.transport.loseConnection()
+        rows += [
+            ("64-byte round trips on one stream, median", f"{plain_rtt[0]:.0f} µs", f"{mux_rtt[0]:.0f} µs",
+             f"{plain_rtt[0] / mux_rtt[0]:.2f}x"),
+            ("64-byte round trips on one stream, p99", f"{plain_rtt[1]:.0f} µs", f"{mux_rtt[1]:.0f} µs",
+             f"{plain_rtt[1] / mux_rtt[1]:.2f}x"),
+            ("64-byte round trips per second", f"{plain_rtt[2]:.0f}/s", f"{mux_rtt[2]:.0f}/s",
+             f"{mux_rtt[2] / plain_rtt[2]:.2f}x")]
 
-    plain_opens = yield timed(count, plain_open)
-    reverse = Client()
-    yield link.open("reverse", str(count), reverse)
-    line = yield reverse.wait(2)
-    while not line.endswith(b"\n"):
-        line = yield reverse.wait(len(line) + 1)
-    reverse_opens = count / float(line)
+    if "opens" in only:
+        mux_opens = yield timed(count, lambda: one_exchange(lambda p: link.open("echo", "", p)))
 
-    # AMP: the control stream vs a stream per call
-    calls = []
-    for _ in range(count):
-        start = time.perf_counter()
-        yield link.callRemote(Ping, payload=b"p" * 8)
-        calls.append(time.perf_counter() - start)
-    per_call = []
-    for _ in range(count):
-        start = time.perf_counter()
-        caller = amp.AMP()
-        yield link.open("amp", "", caller)
-        yield caller.callRemote(Ping, payload=b"p" * 8)
-        caller.transport.loseConnection()
-        per_call.append(time.perf_counter() - start)
+        @defer.inlineCallbacks
+        def plain_open():
+            client = yield tls_connect(plain_port)
+            client.transport.write(b"echo\nx")
+            yield client.wait(1)
+            client.transport.loseConnection()
 
-    # round trips beside a bulk transfer on the same link
-    interactive = Client()
-    yield link.open("echo", "", interactive)
-    background = yield sink_stream(link, total)
-    bulk_done = bulk(background, total)
-    beside = []
-    while not bulk_done.called:
-        beside.extend((yield round_trips(interactive, 50)))
-    yield bulk_done
+        plain_opens = yield timed(count, plain_open)
+        reverse = Client()
+        yield link.open("reverse", str(count), reverse)
+        line = yield reverse.wait(2)
+        while not line.endswith(b"\n"):
+            line = yield reverse.wait(len(line) + 1)
+        reverse_opens = count / float(line)
+        rows += [
+            ("streams opened per second (one exchange each)", f"{plain_opens:.0f}/s", f"{mux_opens:.0f}/s",
+             f"{mux_opens / plain_opens:.2f}x"),
+            ("... opened by the listener", "impossible", f"{reverse_opens:.0f}/s", "")]
 
-    rows = [
-        (f"bulk {args.mib} MiB, one stream", f"{plain_bulk:.0f} MB/s", f"{mux_bulk:.0f} MB/s",
-         f"{mux_bulk / plain_bulk:.2f}x"),
-        ("64-byte round trips on one stream, median", f"{plain_rtt[0]:.0f} µs", f"{mux_rtt[0]:.0f} µs",
-         f"{plain_rtt[0] / mux_rtt[0]:.2f}x"),
-        ("64-byte round trips on one stream, p99", f"{plain_rtt[1]:.0f} µs", f"{mux_rtt[1]:.0f} µs",
-         f"{plain_rtt[1] / mux_rtt[1]:.2f}x"),
-        ("64-byte round trips per second", f"{plain_rtt[2]:.0f}/s", f"{mux_rtt[2]:.0f}/s",
-         f"{mux_rtt[2] / plain_rtt[2]:.2f}x"),
-        ("streams opened per second (one exchange each)", f"{plain_opens:.0f}/s", f"{mux_opens:.0f}/s",
-         f"{mux_opens / plain_opens:.2f}x"),
-        ("... opened by the listener", "impossible", f"{reverse_opens:.0f}/s", ""),
-    ]
-    table(f"multiplexed link vs a TLS link per stream ({count} exchanges each; loopback, server in its own process)",
-          ("measure", "link per stream", "one HTTP/2 link", "ratio"), rows)
-    call, stream_call = summary(calls), summary(per_call)
-    table("AMP Ping on the link", ("path", "median", "p99", "calls/s"), [
-        ("on the long-lived control stream", f"{call[0]:.0f} µs", f"{call[1]:.0f} µs", f"{call[2]:.0f}/s"),
-        ("a stream per call", f"{stream_call[0]:.0f} µs", f"{stream_call[1]:.0f} µs", f"{stream_call[2]:.0f}/s")])
-    alone, during = mux_rtt, summary(beside)
-    table(f"64-byte round trips on one stream while another carries {args.mib} MiB", ("", "median", "p99"), [
-        ("alone", f"{alone[0]:.0f} µs", f"{alone[1]:.0f} µs"),
-        (f"beside the bulk stream ({len(beside)} round trips)", f"{during[0]:.0f} µs", f"{during[1]:.0f} µs")])
+    if rows:
+        table(f"multiplexed link vs a TLS link per stream ({count} exchanges each; loopback, server in its own "
+              "process)", ("measure", "link per stream", "one HTTP/2 link", "ratio"), rows)
+
+    if "amp" in only:  # the control stream vs a stream per call
+        calls = []
+        for _ in range(count):
+            start = time.perf_counter()
+            yield link.callRemote(Ping, payload=b"p" * 8)
+            calls.append(time.perf_counter() - start)
+        per_call = []
+        for _ in range(count):
+            start = time.perf_counter()
+            caller = amp.AMP()
+            yield link.open("amp", "", caller)
+            yield caller.callRemote(Ping, payload=b"p" * 8)
+            caller.transport.loseConnection()
+            per_call.append(time.perf_counter() - start)
+        call, stream_call = summary(calls), summary(per_call)
+        table("AMP Ping on the link", ("path", "median", "p99", "calls/s"), [
+            ("on the long-lived control stream", f"{call[0]:.0f} µs", f"{call[1]:.0f} µs", f"{call[2]:.0f}/s"),
+            ("a stream per call", f"{stream_call[0]:.0f} µs", f"{stream_call[1]:.0f} µs", f"{stream_call[2]:.0f}/s")])
+
+    if "beside" in only:  # round trips beside a bulk transfer on the same link
+        interactive = Client()
+        yield link.open("echo", "", interactive)
+        background = yield sink_stream(link, total)
+        bulk_done = bulk(background, total)
+        beside = []
+        while not bulk_done.called:
+            beside.extend((yield round_trips(interactive, 50)))
+        rate = yield bulk_done
+        during = summary(beside)
+        table(f"64-byte round trips on one stream while another carries {args.mib} MiB", ("", "median", "p99"), [
+            ("alone", f"{mux_rtt[0]:.0f} µs", f"{mux_rtt[1]:.0f} µs"),
+            (f"beside the bulk stream ({len(beside)} round trips; bulk {rate:.0f} MB/s)", f"{during[0]:.0f} µs",
+             f"{during[1]:.0f} µs")])
 
 
 @defer.inlineCallbacks
@@ -362,6 +371,8 @@ def run():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024, help="bulk transfer size in MiB (default 1024)")
     parser.add_argument("--count", type=int, default=2000, help="round trips, opens and calls (default 2000)")
+    parser.add_argument("--only", type=lambda s: set(s.split(",")), default=set(PHASES),
+                        help=f"measure only these, comma-separated (default all: {','.join(PHASES)})")
     parser.add_argument("--sweep", action="store_true", help="time bulk transfers by window and frame size")
     parser.add_argument("--repeat", type=int, default=2, help="transfers per setting in --sweep (default 2)")
     parser.add_argument("--windows", type=lambda s: [int(k) << 10 for k in s.split(",")],
