@@ -23,7 +23,7 @@ or when either side resets it, or when the link goes.
 """
 
 from collections import deque
-from typing import Deque, Mapping, Tuple
+from typing import Deque, Mapping, Tuple, Union
 
 import attrs
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
@@ -84,7 +84,7 @@ class MuxStream:
         self.protocol = None
         self.connected = False
         # outgoing: the application's bytes not yet framed, and its producer
-        self.outbox: Deque[memoryview] = deque()
+        self.outbox: Deque[Union[bytes, memoryview]] = deque()
         self.outbox_bytes = 0
         self.producer = None
         self.streaming = False
@@ -226,9 +226,9 @@ class MuxStream:
     def write(self, data: bytes) -> None:
         if not data or self.end_wanted or self.ended:
             return
-        if not isinstance(data, bytes):
+        if type(data) is not bytes:
             data = bytes(data)  # a view of a buffer the caller may change before it is sent
-        self.outbox.append(memoryview(data))
+        self.outbox.append(data)
         self.outbox_bytes += len(data)
         if self.outbox_bytes > self.link.settings.max_stream_buffer:
             self.log.warn("{stream} on the link with {peer}: its writer buffered over {limit} bytes: reset",
@@ -268,21 +268,29 @@ class MuxStream:
         self.finish(Failure(ConnectionAborted()))
 
     def take(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes from the outbox, for one DATA frame."""
+        """Up to ``limit`` bytes from the outbox, for one DATA frame (a write that fits whole
+        is not copied)."""
+        outbox = self.outbox
+        chunk = outbox[0]
+        if len(chunk) == limit or (len(chunk) < limit and len(outbox) == 1):
+            outbox.popleft()
+            self.outbox_bytes -= len(chunk)
+            return chunk if type(chunk) is bytes else chunk.tobytes()
         parts = []
         size = 0
-        while self.outbox and size < limit:
-            chunk = self.outbox[0]
+        while outbox and size < limit:
+            chunk = outbox[0]
             room = limit - size
             if len(chunk) > room:
-                parts.append(chunk[:room])
-                self.outbox[0] = chunk[room:]
+                view = memoryview(chunk)
+                parts.append(view[:room])
+                outbox[0] = view[room:]
                 size = limit
             else:
-                parts.append(self.outbox.popleft())
+                parts.append(outbox.popleft())
                 size += len(chunk)
         self.outbox_bytes -= size
-        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+        return b"".join(parts)
 
     def getPeer(self) -> PeerAddress:
         return self.link.peer
