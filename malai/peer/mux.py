@@ -185,6 +185,11 @@ _WINDOW_UPDATE = struct.Struct(">HBBBLL")
 _DATA, _WINDOW_UPDATE_TYPE = 0x0, 0x8
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)  # a stream's states that take DATA
 _SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)  # ... that send DATA
+_UPDATABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE, StreamState.HALF_CLOSED_LOCAL)  # WINDOW_UPDATE
+_LARGEST_WINDOW = (1 << 31) - 1
+#: The most a DATA frame carries: with its header, four full TLS records (16 KiB each). A frame
+#: one header longer than that costs a 9-byte record, and the receiver a read, per frame.
+_MAX_DATA = 4 * 16384 - 9
 
 
 class _H2Connection(H2Connection):
@@ -256,15 +261,14 @@ class _H2Connection(H2Connection):
                 or self.state_machine.state is ConnectionState.CLOSED):
             return 0
         return min(self.outbound_flow_control_window, stream.outbound_flow_control_window,
-                   self.max_outbound_frame_size)
+                   self.max_outbound_frame_size, _MAX_DATA)
 
-    def send_data_fast(self, stream_id: int, data: bytes) -> None:
-        """``send_data(stream_id, data)`` for 0 < len(data) <= ``send_window(stream_id)``."""
-        size = len(data)
+    def send_data_fast(self, stream_id: int, parts: list, size: int) -> None:
+        """``send_data(stream_id, b"".join(parts))`` for 0 < ``size`` <= ``send_window(stream_id)``."""
         self.outbound_flow_control_window -= size
         self.streams[stream_id].outbound_flow_control_window -= size
         self._append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id))
-        self._out.append(data)
+        self._out += parts
 
     def data_received_fast(self, stream_id: int, flags: int, length: int) -> bool:
         """Account for a received DATA frame as ``_receive_data_frame`` would, if it qualifies
@@ -277,6 +281,24 @@ class _H2Connection(H2Connection):
         self._inbound_flow_control_window_manager.window_consumed(length)
         stream._inbound_window_manager.window_consumed(length)
         stream._actual_content_length += length
+        return True
+
+    def window_update_fast(self, stream_id: int, length: int, increment: int) -> bool:
+        """Apply a received WINDOW_UPDATE as ``_receive_window_update_frame`` would, if it
+        qualifies (a valid increment the window takes, on the connection or a stream that
+        takes it); else False and the frame is h2's."""
+        if length != 4 or not increment or self.incoming_buffer._headers_buffer:
+            return False
+        if not stream_id:
+            if self.outbound_flow_control_window + increment > _LARGEST_WINDOW:
+                return False
+            self.outbound_flow_control_window += increment
+            return True
+        stream = self.streams.get(stream_id)
+        if (stream is None or stream.state_machine.state not in _UPDATABLE
+                or stream.outbound_flow_control_window + increment > _LARGEST_WINDOW):
+            return False
+        stream.outbound_flow_control_window += increment
         return True
 
     def acknowledge_fast(self, stream_id: int, size: int) -> None:
@@ -342,6 +364,8 @@ class MuxLink(Protocol):
         self._partial_size = 0
         self._need = 0  # ... and its whole size (or 9 for its header)
         self._acks: Dict[int, int] = {}  # stream ID: bytes taken during this read
+        self._cut_stream: Optional[MuxStream] = None  # the stream whose DATA frame is arriving
+        self._cut_left = 0  # ... and how much of its payload is still to come
         self._paused_output = 0
         self._last_heard = 0.0
         self._ping: Optional[Tuple[bytes, float]] = None
@@ -383,8 +407,10 @@ class MuxLink(Protocol):
         self.close(f"the control stream did not open: {reason.getErrorMessage()}")
 
     def dataReceived(self, data: bytes) -> None:
-        """Split what arrived into frames: qualifying DATA frames take the fast path, runs of
-        all others go to h2 (whose events are handled before the next frame is looked at)."""
+        """Split what arrived into frames. A qualifying DATA frame's payload goes to its stream
+        as it arrives (``_cut_left`` bytes of it to come), runs of other frames go to h2 (its
+        events handled before the next frame is looked at), a frame's start waits in
+        ``_partial``."""
         if self._gone:
             return
         self._last_heard = self.clock.seconds()
@@ -395,15 +421,15 @@ class MuxLink(Protocol):
                 self._preamble -= size
                 self._to_h2(data[:size])
                 data = data[size:]
-            if self._partial:  # the rest of a frame: joined once it is whole
+            if self._partial:
                 self._partial.append(data)
                 self._partial_size += len(data)
                 if self._partial_size >= self._need:
                     data = b"".join(self._partial)
                     self._partial.clear()
-                    self._frames(memoryview(data))
+                    self._frames(data)
             else:
-                self._frames(memoryview(data))
+                self._frames(data)
         except Exception:
             self.log.failure("the link with {peer}", peer=self.peer.peer)
             self._gone = True
@@ -418,43 +444,66 @@ class MuxLink(Protocol):
             self._acks.clear()
         self._flush()
 
-    def _frames(self, view: memoryview) -> None:
+    def _frames(self, data: bytes) -> None:
         conn = self._conn
-        end = len(view)
+        view = memoryview(data)
+        end = len(data)
         offset = h2_from = 0  # the frames from h2_from to offset are h2's, not given to it yet
-        while end - offset >= 9 and not self._gone:
-            high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(view, offset)
+        while not self._gone:
+            if self._cut_left:
+                size = min(self._cut_left, end - offset)
+                if not size:
+                    break
+                stream = self._cut_stream
+                self._cut_left -= size
+                if not self._cut_left:
+                    self._cut_stream = None
+                # a chunk that is all payload goes as it is; else its payload is copied out
+                payload = data if size == end else bytes(view[offset:offset + size])
+                h2_from = offset = offset + size
+                stream.data_received(payload, size)
+                continue
+            if end - offset < 9:
+                break
+            high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(data, offset)
             length = high << 8 | low
-            if h2_from < offset and (kind == _DATA or length > conn.max_inbound_frame_size):
+            if h2_from < offset and (kind == _DATA or kind == _WINDOW_UPDATE_TYPE
+                                     or length > conn.max_inbound_frame_size):
                 # the frames before decide whether this one qualifies (a HEADERS opening its
                 # stream) or fits (a SETTINGS ACK raising the frame size limit)
                 self._to_h2(view[h2_from:offset])
                 h2_from = offset
                 continue
+            stream_id &= 0x7FFFFFFF
+            following = offset + 9 + length
             try:
                 if length > conn.max_inbound_frame_size:
                     raise FrameTooLargeError(
                         f"Received overlong frame: length {length}, max {conn.max_inbound_frame_size}")
-                following = offset + 9 + length
-                if following > end:
-                    self._need = following - offset
-                    break
-                stream_id &= 0x7FFFFFFF
-                stream = self.streams.get(stream_id) if kind == _DATA else None
-                fast = stream is not None and conn.data_received_fast(stream_id, flags, length)
+                if kind == _DATA:
+                    stream = self.streams.get(stream_id)
+                    if stream is not None and conn.data_received_fast(stream_id, flags, length):
+                        h2_from = offset = offset + 9
+                        if length:
+                            self._cut_stream, self._cut_left = stream, length
+                        continue
+                elif kind == _WINDOW_UPDATE_TYPE and following <= end:
+                    increment = int.from_bytes(view[offset + 9:following], "big") & 0x7FFFFFFF
+                    if conn.window_update_fast(stream_id, length, increment):
+                        h2_from = offset = following
+                        self._window_opened(stream_id)
+                        continue
             except ProtocolError as e:
                 conn._terminate_connection(e.error_code)
                 self._protocol_error(e)
                 return
-            if fast:
-                payload = bytes(view[offset + 9:following])
-                h2_from = offset = following
-                stream.data_received(payload, length)
-            else:
-                offset = following
+            if following > end:
+                self._need = following - offset
+                break
+            offset = following
         if h2_from < offset and not self._gone:
             self._to_h2(view[h2_from:offset])
-        if offset < end and not self._gone:
+        if offset < end and not self._gone:  # the start of a frame
             if end - offset < 9:
                 self._need = 9
             self._partial.append(view[offset:])
@@ -705,13 +754,13 @@ class MuxLink(Protocol):
                 size = self._conn.send_window(stream_id)
                 if size <= 0:
                     return False  # stays: WindowUpdated sends it
-                data = stream.take(size)
+                parts, size = stream.take(size)
                 end = stream.end_wanted and not stream.outbox
                 if end:
-                    self._conn.send_data(stream_id, data, end_stream=True)
+                    self._conn.send_data(stream_id, b"".join(parts), end_stream=True)
                 else:
-                    self._conn.send_data_fast(stream_id, data)
-                self.bytes_sent += len(data)
+                    self._conn.send_data_fast(stream_id, parts, size)
+                self.bytes_sent += size
             elif stream.end_wanted:
                 end = True
                 self._conn.end_stream(stream_id)
@@ -790,8 +839,11 @@ class MuxLink(Protocol):
             stream.reset_by_peer(event.error_code)
 
     def _on_window(self, event: WindowUpdated) -> None:
-        if event.stream_id:
-            stream = self.streams.get(event.stream_id)
+        self._window_opened(event.stream_id)
+
+    def _window_opened(self, stream_id: int) -> None:
+        if stream_id:
+            stream = self.streams.get(stream_id)
             if stream is not None:
                 self._pump()
                 stream.sent()

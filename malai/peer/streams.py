@@ -267,15 +267,10 @@ class MuxStream:
         self.link.reset(self, _CANCEL)
         self.finish(Failure(ConnectionAborted()))
 
-    def take(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes from the outbox, for one DATA frame (a write that fits whole
-        is not copied)."""
+    def take(self, limit: int) -> Tuple[list, int]:
+        """Up to ``limit`` bytes from the outbox, for one DATA frame: the pieces (not copied:
+        the link joins them with the frame header) and their size."""
         outbox = self.outbox
-        chunk = outbox[0]
-        if len(chunk) == limit or (len(chunk) < limit and len(outbox) == 1):
-            outbox.popleft()
-            self.outbox_bytes -= len(chunk)
-            return chunk if type(chunk) is bytes else chunk.tobytes()
         parts = []
         size = 0
         while outbox and size < limit:
@@ -290,7 +285,7 @@ class MuxStream:
                 parts.append(outbox.popleft())
                 size += len(chunk)
         self.outbox_bytes -= size
-        return b"".join(parts)
+        return parts, size
 
     def getPeer(self) -> PeerAddress:
         return self.link.peer
