@@ -11,7 +11,8 @@ restart its own ``dataReceived``. ``getPeer``/``getHost`` return the link's
 
 Back-pressure is HTTP/2 flow control. Received bytes are acknowledged to the
 peer only once ``dataReceived`` took them: a paused reader keeps at most one
-stream window buffered here and stalls only its own stream. Outgoing bytes
+stream window buffered here (in pieces of up to 64 KiB, however small the
+frames were) and stalls only its own stream. Outgoing bytes
 wait here while the stream's send window is empty or the link's transport is
 paused; above ``high_water`` buffered bytes the registered producer is paused,
 below ``low_water`` resumed, and a writer that ignores that and buffers more
@@ -68,6 +69,9 @@ class StreamRequest:
 
 
 _NO_ERROR, _CANCEL = 0x0, 0x8
+#: Pieces held for a paused reader are merged up to this size: a window's worth of one-byte
+#: frames is then a few entries, not a million.
+_MERGE = 64 * 1024
 
 
 @implementer(ITransport, IConsumer, IPushProducer)
@@ -94,7 +98,7 @@ class MuxStream:
         self.local_ended = False  # END_STREAM sent (or the peer reset the stream)
         self._closing = False  # loseConnection: reading stops as well
         # incoming: bytes the application has not taken yet, with their flow-controlled length
-        self._inbox: Deque[Tuple[bytes, int]] = deque()
+        self._inbox: Deque[Tuple[Union[bytes, bytearray], int]] = deque()
         self._reading_paused = False
         self._delivering = False
         self.remote_ended = False  # END_STREAM received
@@ -116,7 +120,15 @@ class MuxStream:
         if self.ended or self._closing:
             self.link.ack(self.stream_id, flow_length)
             return
-        self._inbox.append((data, flow_length))
+        inbox = self._inbox
+        if inbox and len(inbox[-1][0]) + len(data) <= _MERGE:  # held: small pieces are merged
+            held, held_length = inbox[-1]
+            if type(held) is not bytearray:
+                held = bytearray(held)
+            held += data
+            inbox[-1] = (held, held_length + flow_length)
+        else:
+            inbox.append((data, flow_length))
         self._deliver()
 
     def remote_end(self) -> None:
@@ -186,7 +198,7 @@ class MuxStream:
             while self._inbox and not self._reading_paused and not self.ended:
                 data, flow_length = self._inbox.popleft()
                 if data:
-                    self._call(self.protocol.dataReceived, data)
+                    self._call(self.protocol.dataReceived, bytes(data) if type(data) is bytearray else data)
                 self.link.ack(self.stream_id, flow_length)
         finally:
             self._delivering = False
