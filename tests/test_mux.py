@@ -781,15 +781,15 @@ class FastPathTests(RawPeerTestCase):
             self.assertEqual(sender._conn.streams[1].outbound_flow_control_window,
                              receiver._conn.streams[1].inbound_flow_control_window)
 
-    def test_a_frame_and_its_header_fill_four_tls_records(self):
+    def test_a_write_that_fits_a_frame_is_one_frame(self):
         dialer, listener, pump, opener, answerer = one_stream(self)
         sent = []
         write = dialer.transport.write
         dialer.transport.write = lambda data: (sent.append(bytes(data)), write(data))[1]
-        opener.transport.write(b"r" * 200_000)
-        pump.flush()
-        sizes = [len(f.data) for f in frames_in(b"".join(sent)) if isinstance(f, DataFrame)]
-        self.assertEqual(sizes, [4 * 16384 - 9] * 3 + [200_000 - 3 * (4 * 16384 - 9)])
+        for _ in range(3):
+            opener.transport.write(b"r" * 65536)
+            pump.flush()
+        self.assertEqual([len(f.data) for f in frames_in(b"".join(sent)) if isinstance(f, DataFrame)], [65536] * 3)
 
     def test_frames_arriving_a_byte_at_a_time(self):
         link, peer, pump = self.attach()

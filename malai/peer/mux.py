@@ -187,9 +187,6 @@ _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)  # a stream's sta
 _SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)  # ... that send DATA
 _UPDATABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE, StreamState.HALF_CLOSED_LOCAL)  # WINDOW_UPDATE
 _LARGEST_WINDOW = (1 << 31) - 1
-#: The most a DATA frame carries: with its header, four full TLS records (16 KiB each). A frame
-#: one header longer than that costs a 9-byte record, and the receiver a read, per frame.
-_MAX_DATA = 4 * 16384 - 9
 
 
 class _H2Connection(H2Connection):
@@ -261,7 +258,7 @@ class _H2Connection(H2Connection):
                 or self.state_machine.state is ConnectionState.CLOSED):
             return 0
         return min(self.outbound_flow_control_window, stream.outbound_flow_control_window,
-                   self.max_outbound_frame_size, _MAX_DATA)
+                   self.max_outbound_frame_size)
 
     def send_data_fast(self, stream_id: int, parts: list, size: int) -> None:
         """``send_data(stream_id, b"".join(parts))`` for 0 < ``size`` <= ``send_window(stream_id)``."""
