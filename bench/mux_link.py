@@ -336,15 +336,15 @@ def main(args, server_pid, mux_port, plain_port, ssh_port):
     paths = [mux_path(link), line_path("TLS link per stream", lambda: tls_connect(plain_port))]
     if ssh_port:
         paths.append(line_path("ssh -L", lambda: tcp_connect(ssh_port)))
-    if args.mux_only:  # for profiling
-        paths, ssh_port = paths[:1], None
+    if args.alone:  # for profiling
+        paths, ssh_port = [paths[0] if args.alone == "mux" else paths[1]], None
     header = ("measure", *(p.name for p in paths), "HTTP/2 vs TLS", "HTTP/2 vs ssh -L" if ssh_port else "")
     rows = []
 
     def row(label, values, fmt, higher_is_better=True):
         mux = values[0]
-        rows.append((label, *(fmt(v) for v in values), ratio(mux, values[1], higher_is_better) if len(values) > 1 else "",
-                     ratio(mux, values[2], higher_is_better) if ssh_port else ""))
+        vs_tls = ratio(mux, values[1], higher_is_better) if len(values) > 1 else ""
+        rows.append((label, *(fmt(v) for v in values), vs_tls, ratio(mux, values[2], higher_is_better) if ssh_port else ""))
 
     if "bulk" in only:
         runs = {p.name: [] for p in paths}
@@ -472,7 +472,7 @@ def run():
                         help="runs of each bulk and round-trip measurement, interleaved across paths (the median is "
                         "shown), and transfers per setting in --sweep (default 3)")
     parser.add_argument("--no-ssh", action="store_true", help="leave out the ssh -L baseline")
-    parser.add_argument("--mux-only", action="store_true", help="measure the HTTP/2 link alone (for profiling)")
+    parser.add_argument("--alone", choices=("mux", "tls"), help="measure one path alone (for profiling)")
     parser.add_argument("--pin", action="store_true",
                         help="pin the client and the server to a core each (steadier on an idle machine, worse when "
                         "others load one of them)")
