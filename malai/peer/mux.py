@@ -53,12 +53,21 @@ Back-pressure
     bounded by the windows granted, and what it queues for a peer that does not read
     (PING and SETTINGS answers) by ``max_paused_output``.
 
-    Windows, measured with one 512 MiB stream over TLS on loopback against a TLS link
-    of its own in the same run: a 256 KiB stream window reached 0.44x, 512 KiB 0.73x,
-    1 MiB 0.75-0.9x; 2 and 4 MiB were no faster, and 16 KiB frames cost half the speed
-    at any window (h2's cost is per frame). So 1 MiB stream windows and 64 KiB frames.
-    The rest of the gap is h2 itself: about 150 Python calls per frame received and
-    as many per frame sent (20 in this module), some 20 µs per message per side.
+    Windows: 1 MiB per stream, 32 MiB per link, frames up to 64 KiB. The window is what
+    queues in the one TCP connection ahead of every other stream: beside a 1 GiB transfer
+    a 64-byte round trip had a p99 of 4-5.5 ms with 1 MiB windows, 10-20 ms with 4 MiB,
+    20-31 ms with 16 MiB (2 loaded cores). Larger windows carry a lone bulk stream faster
+    on a loaded machine (16 MiB: as fast as a TLS link of its own), so the trade is made
+    for interactive streams. Figures and method: docs/mux-performance.md.
+
+Cost
+    h2 spends some 150 Python calls on each frame. Plain DATA and WINDOW_UPDATE frames,
+    nearly all of a stream's traffic, bypass it (``_H2Connection``'s fast path), a DATA
+    payload reaches its stream as its TLS records arrive, and a small write with nothing
+    queued is framed at once (``send_now``): the link's own work fell from ~100 µs to ~30
+    per 64-byte message per side, and to under a tenth of either side's CPU in a bulk
+    transfer. The rest is what a TLS link of its own costs (pyOpenSSL, Twisted's TLS and
+    reactor, the syscalls).
 
 Limits and liveness
     SETTINGS_MAX_CONCURRENT_STREAMS (``max_concurrent_streams``): an open beyond the
@@ -190,19 +199,23 @@ _LARGEST_WINDOW = (1 << 31) - 1
 
 
 class _H2Connection(H2Connection):
-    """``H2Connection`` with a fast path for DATA frames, a frame size limit applied as soon
-    as the peer acknowledged it, and less memory per link.
+    """``H2Connection`` with a fast path for DATA and WINDOW_UPDATE frames, a frame size
+    limit applied as soon as the peer acknowledged it, and less memory per link.
 
     The fast path. h2 spends some 150 Python calls on each DATA frame it receives (the
     frame parsed into objects, its repr, two state machines, events) and as many on
     each it sends (a DataFrame object serialized, the payload copied twice). For the
-    common frame (DATA without END_STREAM or padding, on a stream whose state takes
-    it) ``data_received_fast``, ``send_data_fast`` and ``acknowledge_fast`` do exactly
-    the accounting h2 does (both flow-control windows, the same errors) and nothing
-    else: these frames change no state in either state machine, so skipping them keeps
-    h2's view whole. Every other frame, and every DATA frame that does not qualify,
-    goes through h2 unchanged. Output stays in order: frames written here follow
-    whatever h2 queued before them (``_append``).
+    common frames (DATA without END_STREAM or padding on a stream whose state takes it,
+    a WINDOW_UPDATE the window takes) ``data_received_fast``, ``window_update_fast``,
+    ``send_data_fast`` and ``acknowledge_fast`` do exactly the accounting h2 does (both
+    flow-control windows, the same errors) and nothing else: these frames change no
+    state in either state machine, so skipping them keeps h2's view whole. Every other
+    frame, and every one that does not qualify, goes through h2 unchanged (``MuxLink``
+    hands it over in order, and handles h2's events before it looks at the next frame).
+    Output stays in order: frames written here follow whatever h2 queued before them
+    (``_append``). These methods reach into h2 4.x internals (``_data_to_send``, the
+    window managers, ``_headers_buffer``); tests/test_mux.py ``FastPathTests`` checks
+    that both ends' windows still agree after traffic each way.
 
     h2 logs every frame it receives with ``repr(frame)``, computed even when nothing logs
     it; a DATA frame's repr hex-encodes its payload, hence ``_QuietDataFrame``. And h2
@@ -272,8 +285,9 @@ class _H2Connection(H2Connection):
         (no flags, a stream that takes DATA and counts no content-length); else False and
         the frame is h2's. Raises ``FlowControlError`` as h2 does."""
         stream = self.streams.get(stream_id)
-        if (flags or stream is None or self.incoming_buffer._headers_buffer or stream.state_machine.state not in _RECEIVING
-                or not stream.state_machine.headers_received or stream._expected_content_length is not None):
+        if (flags or stream is None or self.incoming_buffer._headers_buffer
+                or stream.state_machine.state not in _RECEIVING or not stream.state_machine.headers_received
+                or stream._expected_content_length is not None):
             return False
         self._inbound_flow_control_window_manager.window_consumed(length)
         stream._inbound_window_manager.window_consumed(length)
@@ -690,6 +704,21 @@ class MuxLink(Protocol):
         self._sending[stream.stream_id] = stream
         self._pump()
         stream.update_producer()
+
+    def send_now(self, stream: MuxStream, data: bytes) -> bool:
+        """Frame all of ``data`` at once if the link and the windows take it (the common write:
+        nothing waits in the stream's outbox), without the outbox and the pump; else False.
+        Other streams wait in ``_sending`` only for their windows when the link is not paused
+        and not pumping, so this passes none of them."""
+        if self.paused or self._gone or self._pumping or stream.protocol is None or stream.local_ended:
+            return False
+        size = len(data)
+        if size > self._conn.send_window(stream.stream_id):
+            return False
+        self._conn.send_data_fast(stream.stream_id, [data], size)
+        self.bytes_sent += size
+        self._flush()
+        return True
 
     def can_send(self, stream: MuxStream) -> bool:
         return not (self.paused or self._gone) and self._conn.send_window(stream.stream_id) > 0

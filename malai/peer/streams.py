@@ -121,6 +121,14 @@ class MuxStream:
             self.link.ack(self.stream_id, flow_length)
             return
         inbox = self._inbox
+        if data and not inbox and not self._reading_paused and not self._delivering and self.protocol is not None:
+            self._delivering = True  # what _deliver does for one piece, without the inbox
+            try:
+                self._call(self.protocol.dataReceived, data)
+            finally:
+                self._delivering = False
+            self.link.ack(self.stream_id, flow_length)
+            return
         if inbox and len(inbox[-1][0]) + len(data) <= _MERGE:  # held: small pieces are merged
             held, held_length = inbox[-1]
             if type(held) is not bytearray:
@@ -240,6 +248,9 @@ class MuxStream:
             return
         if type(data) is not bytes:
             data = bytes(data)  # a view of a buffer the caller may change before it is sent
+        if not self.outbox and self.link.send_now(self, data):
+            self.update_producer()
+            return
         self.outbox.append(data)
         self.outbox_bytes += len(data)
         if self.outbox_bytes > self.link.settings.max_stream_buffer:
