@@ -1,15 +1,18 @@
-"""Multiplexed link benchmark: one HTTP/2 link (malai/peer/mux.py) vs a TLS link per stream.
+"""Multiplexed link benchmark: one HTTP/2 link (malai/peer/mux.py) vs a TLS link per stream vs ``ssh -L``.
 
-    python bench/mux_link.py [--mib 1024] [--count 2000] [--sweep]
+    python bench/mux_link.py [--mib 1024] [--count 2000] [--repeat 3] [--only bulk,rtt,...] [--sweep]
 
-The server runs in a child process (each side has its own core), both paths over real
-pinned TLS on loopback, in the same run: bulk throughput of one stream, 64-byte round
-trips on one stream, stream opens per second (one exchange each; listener-opened
-streams too), an AMP call on the control stream vs one stream per call, and round
-trips on one stream while another carries a bulk transfer. The per-stream path is a
-fresh verified TLS link per stream (what spare links hid; without the Hello and
-OpenStream round trips it also needed, so the old path is flattered). ``--sweep``
-times one stream's bulk transfer under several window and frame sizes.
+The server runs in a child process, the link and the per-stream TLS links over real pinned
+TLS on loopback, ``ssh -L`` through an sshd of the run's own to the server's TCP port (left
+out without sshd), all in the same run: bulk throughput of one stream (and each side's CPU
+seconds per GB), 64-byte round trips on one stream, stream opens per second (one exchange
+each; listener-opened streams too), an AMP call on the control stream vs one stream per
+call, and round trips on one stream while another on the same connection carries a bulk
+transfer. Bulk and round trips run ``--repeat`` times, interleaved across the paths, and
+the median is shown. The per-stream path is a fresh verified TLS link per stream (what
+spare links hid; without the Hello and OpenStream round trips it also needed, so the old
+path is flattered). ``--sweep`` times one stream's bulk transfer under several window and
+frame sizes. docs/mux-performance.md has figures and how to read them on a shared machine.
 """
 
 import argparse
@@ -338,13 +341,14 @@ def main(args, server_pid, mux_port, plain_port, ssh_port):
         paths.append(line_path("ssh -L", lambda: tcp_connect(ssh_port)))
     if args.alone:  # for profiling
         paths, ssh_port = [paths[0] if args.alone == "mux" else paths[1]], None
-    header = ("measure", *(p.name for p in paths), "HTTP/2 vs TLS", "HTTP/2 vs ssh -L" if ssh_port else "")
+    header = ("measure", *(p.name for p in paths), "HTTP/2 vs TLS", *(["HTTP/2 vs ssh -L"] if ssh_port else []))
     rows = []
 
     def row(label, values, fmt, higher_is_better=True):
         mux = values[0]
         vs_tls = ratio(mux, values[1], higher_is_better) if len(values) > 1 else ""
-        rows.append((label, *(fmt(v) for v in values), vs_tls, ratio(mux, values[2], higher_is_better) if ssh_port else ""))
+        vs_ssh = [ratio(mux, values[2], higher_is_better)] if ssh_port else []
+        rows.append((label, *(fmt(v) for v in values), vs_tls, *vs_ssh))
 
     if "bulk" in only:
         runs = {p.name: [] for p in paths}
@@ -432,8 +436,8 @@ def sweep_one(args, mux_port, plain_port):
 
 
 def start_server(args):
-    argv = [sys.executable, __file__, "--serve", *(["--pin"] if args.pin else []), "--stream-window", str(args.stream_window), "--link-window",
-            str(args.link_window), "--frame", str(args.frame)]
+    argv = [sys.executable, __file__, "--serve", *(["--pin"] if args.pin else []),
+            "--stream-window", str(args.stream_window), "--link-window", str(args.link_window), "--frame", str(args.frame)]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     mux_port, plain_port, tcp_port = map(int, server.stdout.readline().split())
     return server, mux_port, plain_port, tcp_port
