@@ -1,24 +1,33 @@
-"""Multiplexed link benchmark: one HTTP/2 link (malai/peer/mux.py) vs a TLS link per stream.
+"""Multiplexed link benchmark: one HTTP/2 link (malai/peer/mux.py) vs a TLS link per stream vs ``ssh -L``.
 
-    python bench/mux_link.py [--mib 1024] [--count 2000] [--sweep]
+    python bench/mux_link.py [--mib 1024] [--count 2000] [--repeat 3] [--only bulk,rtt,...] [--sweep]
 
-The server runs in a child process (each side has its own core), both paths over real
-pinned TLS on loopback, in the same run: bulk throughput of one stream, 64-byte round
-trips on one stream, stream opens per second (one exchange each; listener-opened
-streams too), an AMP call on the control stream vs one stream per call, and round
-trips on one stream while another carries a bulk transfer. The per-stream path is a
-fresh verified TLS link per stream (what spare links hid; without the Hello and
-OpenStream round trips it also needed, so the old path is flattered). ``--sweep``
-times one stream's bulk transfer under several window and frame sizes.
+The server runs in a child process, the link and the per-stream TLS links over real pinned
+TLS on loopback, ``ssh -L`` through an sshd of the run's own to the server's TCP port (left
+out without sshd), all in the same run: bulk throughput of one stream (and each side's CPU
+seconds per GB), 64-byte round trips on one stream, stream opens per second (one exchange
+each; listener-opened streams too), an AMP call on the control stream vs one stream per
+call, and round trips on one stream while another on the same connection carries a bulk
+transfer. Bulk and round trips run ``--repeat`` times, interleaved across the paths, and
+the median is shown. The per-stream path is a fresh verified TLS link per stream (what
+spare links hid; without the Hello and OpenStream round trips it also needed, so the old
+path is flattered). ``--sweep`` times one stream's bulk transfer under several window and
+frame sizes. docs/mux-performance.md has figures and how to read them on a shared machine.
 """
 
 import argparse
+import contextlib
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
-from common import table
+import attrs
+from common import Sshd, free_port, table, wait_listening
 from peer_link import Bulk
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -97,7 +106,16 @@ def settings_from(args) -> MuxSettings:
     return MuxSettings(stream_window=args.stream_window, link_window=args.link_window, max_frame_size=args.frame)
 
 
+def pin(cpu):
+    """Keep this process on one core (of two or more): each side gets its own, the same every run."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, {cpus[cpu]})
+
+
 def serve(args):
+    if args.pin:
+        pin(1)
     tls = PeerTLS([SERVER])
     links = {}
 
@@ -122,7 +140,8 @@ def serve(args):
     mux_port = reactor.listenTCP(0, server_factory(tls, route), interface="127.0.0.1")
     plain = protocol.Factory.forProtocol(PlainServer)
     plain_port = reactor.listenTCP(0, server_factory(tls, plain.buildProtocol), interface="127.0.0.1")
-    print(mux_port.getHost().port, plain_port.getHost().port, flush=True)
+    tcp_port = reactor.listenTCP(0, plain, interface="127.0.0.1")  # what ssh -L forwards to
+    print(mux_port.getHost().port, plain_port.getHost().port, tcp_port.getHost().port, flush=True)
     reactor.run()
 
 
@@ -215,109 +234,197 @@ def connect_link(port, args):
     return link
 
 
-@defer.inlineCallbacks
-def sink_stream(link, total):
-    client = Client()
-    yield link.open("sink", str(total), client)
-    return client
+PHASES = ("bulk", "rtt", "opens", "amp", "beside")
 
 
-@defer.inlineCallbacks
-def main(args, mux_port, plain_port):
-    total, count = args.mib << 20, args.count
-    link = yield connect_link(mux_port, args)
+@attrs.frozen
+class Route:
+    """One way to carry a stream: ``connect(kind, arg)`` fires with a connected ``Client``
+    whose stream the server answers as ``kind`` (``echo``, ``sink``)."""
 
-    mux_bulk, plain_bulk = yield both_bulks(link, plain_port, total)
+    name: str
+    connect: Callable[[str, str], defer.Deferred]
 
-    # round trips
-    client = Client()
-    yield link.open("echo", "", client)
-    mux_rtt = summary((yield round_trips(client, count)))
-    client.transport.loseConnection()
-    client = yield tls_connect(plain_port)
-    client.transport.write(b"echo\n")
-    plain_rtt = summary((yield round_trips(client, count)))
-    client.transport.loseConnection()
 
-    # stream opens
-    mux_opens = yield timed(count, lambda: one_exchange(lambda p: link.open("echo", "", p)))
+def mux_path(link) -> Route:
+    def connect(kind, arg):
+        client = Client()
+        return link.open(kind, arg, client)
+    return Route("one HTTP/2 link", connect)
+
+
+def line_path(name, connector) -> Route:
+    """A connection per stream whose first line names its kind."""
 
     @defer.inlineCallbacks
-    def plain_open():
-        client = yield tls_connect(plain_port)
-        client.transport.write(b"echo\nx")
+    def connect(kind, arg):
+        client = yield connector()
+        client.transport.write(f"{kind} {arg}\n".encode())
+        return client
+    return Route(name, connect)
+
+
+def tcp_connect(port):
+    return TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(ClientFactory())
+
+
+def cpu_seconds(pid="self"):
+    """User and system CPU seconds of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@defer.inlineCallbacks
+def measure_bulk(path, total, server_pid):
+    """(MB/s, CPU seconds per GB of this process (the sender), of the server (the receiver))."""
+    client = yield path.connect("sink", str(total))
+    before = cpu_seconds(), cpu_seconds(server_pid)
+    rate = yield bulk(client, total)
+    gb = total / 1e9
+    cpu = (cpu_seconds() - before[0]) / gb, (cpu_seconds(server_pid) - before[1]) / gb
+    client.transport.loseConnection()
+    return rate, *cpu
+
+
+@defer.inlineCallbacks
+def measure_rtt(path, count):
+    client = yield path.connect("echo", "")
+    times = yield round_trips(client, count)
+    client.transport.loseConnection()
+    return summary(times)
+
+
+@defer.inlineCallbacks
+def measure_opens(path, count):
+    @defer.inlineCallbacks
+    def exchange():
+        client = yield path.connect("echo", "")
+        client.transport.write(b"x")
         yield client.wait(1)
         client.transport.loseConnection()
+    return (yield timed(count, exchange))
 
-    plain_opens = yield timed(count, plain_open)
-    reverse = Client()
-    yield link.open("reverse", str(count), reverse)
-    line = yield reverse.wait(2)
-    while not line.endswith(b"\n"):
-        line = yield reverse.wait(len(line) + 1)
-    reverse_opens = count / float(line)
 
-    # AMP: the control stream vs a stream per call
-    calls = []
-    for _ in range(count):
-        start = time.perf_counter()
-        yield link.callRemote(Ping, payload=b"p" * 8)
-        calls.append(time.perf_counter() - start)
-    per_call = []
-    for _ in range(count):
-        start = time.perf_counter()
-        caller = amp.AMP()
-        yield link.open("amp", "", caller)
-        yield caller.callRemote(Ping, payload=b"p" * 8)
-        caller.transport.loseConnection()
-        per_call.append(time.perf_counter() - start)
-
-    # round trips beside a bulk transfer on the same link
-    interactive = Client()
-    yield link.open("echo", "", interactive)
-    background = yield sink_stream(link, total)
+@defer.inlineCallbacks
+def measure_beside(path, total):
+    """Round trips on one stream while another carries ``total`` bytes: (times, MB/s)."""
+    interactive = yield path.connect("echo", "")
+    background = yield path.connect("sink", str(total))
     bulk_done = bulk(background, total)
-    beside = []
+    times = []
     while not bulk_done.called:
-        beside.extend((yield round_trips(interactive, 50)))
-    yield bulk_done
+        times.extend((yield round_trips(interactive, 50)))
+    rate = yield bulk_done
+    interactive.transport.loseConnection()
+    background.transport.loseConnection()
+    return times, rate
 
-    rows = [
-        (f"bulk {args.mib} MiB, one stream", f"{plain_bulk:.0f} MB/s", f"{mux_bulk:.0f} MB/s",
-         f"{mux_bulk / plain_bulk:.2f}x"),
-        ("64-byte round trips on one stream, median", f"{plain_rtt[0]:.0f} µs", f"{mux_rtt[0]:.0f} µs",
-         f"{plain_rtt[0] / mux_rtt[0]:.2f}x"),
-        ("64-byte round trips on one stream, p99", f"{plain_rtt[1]:.0f} µs", f"{mux_rtt[1]:.0f} µs",
-         f"{plain_rtt[1] / mux_rtt[1]:.2f}x"),
-        ("64-byte round trips per second", f"{plain_rtt[2]:.0f}/s", f"{mux_rtt[2]:.0f}/s",
-         f"{mux_rtt[2] / plain_rtt[2]:.2f}x"),
-        ("streams opened per second (one exchange each)", f"{plain_opens:.0f}/s", f"{mux_opens:.0f}/s",
-         f"{mux_opens / plain_opens:.2f}x"),
-        ("... opened by the listener", "impossible", f"{reverse_opens:.0f}/s", ""),
-    ]
-    table(f"multiplexed link vs a TLS link per stream ({count} exchanges each; loopback, server in its own process)",
-          ("measure", "link per stream", "one HTTP/2 link", "ratio"), rows)
-    call, stream_call = summary(calls), summary(per_call)
-    table("AMP Ping on the link", ("path", "median", "p99", "calls/s"), [
-        ("on the long-lived control stream", f"{call[0]:.0f} µs", f"{call[1]:.0f} µs", f"{call[2]:.0f}/s"),
-        ("a stream per call", f"{stream_call[0]:.0f} µs", f"{stream_call[1]:.0f} µs", f"{stream_call[2]:.0f}/s")])
-    alone, during = mux_rtt, summary(beside)
-    table(f"64-byte round trips on one stream while another carries {args.mib} MiB", ("", "median", "p99"), [
-        ("alone", f"{alone[0]:.0f} µs", f"{alone[1]:.0f} µs"),
-        (f"beside the bulk stream ({len(beside)} round trips)", f"{during[0]:.0f} µs", f"{during[1]:.0f} µs")])
+
+def median_of(runs, key=lambda run: run):
+    """The run whose ``key`` is the median."""
+    return sorted(runs, key=key)[len(runs) // 2]
+
+
+def ratio(ours, theirs, higher_is_better=True):
+    if not theirs or not ours or higher_is_better is None:
+        return ""
+    return f"{ours / theirs:.2f}x" if higher_is_better else f"{theirs / ours:.2f}x"
+
+
+@defer.inlineCallbacks
+def main(args, server_pid, mux_port, plain_port, ssh_port):
+    total, count, only, repeat = args.mib << 20, args.count, args.only, args.repeat
+    link = yield connect_link(mux_port, args)
+    paths = [mux_path(link), line_path("TLS link per stream", lambda: tls_connect(plain_port))]
+    if ssh_port:
+        paths.append(line_path("ssh -L", lambda: tcp_connect(ssh_port)))
+    if args.alone:  # for profiling
+        paths, ssh_port = [paths[0] if args.alone == "mux" else paths[1]], None
+    header = ("measure", *(p.name for p in paths), "HTTP/2 vs TLS", *(["HTTP/2 vs ssh -L"] if ssh_port else []))
+    rows = []
+
+    def row(label, values, fmt, higher_is_better=True):
+        mux = values[0]
+        vs_tls = ratio(mux, values[1], higher_is_better) if len(values) > 1 else ""
+        vs_ssh = [ratio(mux, values[2], higher_is_better)] if ssh_port else []
+        rows.append((label, *(fmt(v) for v in values), vs_tls, *vs_ssh))
+
+    if "bulk" in only:
+        runs = {p.name: [] for p in paths}
+        for _ in range(repeat):  # interleaved, so that load from elsewhere hits every path alike
+            for path in paths:
+                runs[path.name].append((yield measure_bulk(path, total, server_pid)))
+        bulks = [median_of(runs[p.name]) for p in paths]
+        row(f"bulk {args.mib} MiB, one stream (median of {repeat})", [b[0] for b in bulks], lambda v: f"{v:.0f} MB/s")
+        row("... CPU seconds per GB, sender / receiver (ssh -L: the Python ends only)", [b[1:] for b in bulks],
+            lambda v: f"{v[0]:.2f} / {v[1]:.2f}", None)
+
+    if "rtt" in only or "beside" in only:
+        runs = {p.name: [] for p in paths}
+        for _ in range(repeat if "rtt" in only else 1):
+            for path in paths if "rtt" in only else paths[:1]:
+                runs[path.name].append((yield measure_rtt(path, count)))
+        rtts = {name: median_of(results, key=lambda r: r[2]) for name, results in runs.items() if results}
+    if "rtt" in only:
+        row(f"64-byte round trips on one stream, per second (median of {repeat})",
+            [rtts[p.name][2] for p in paths], lambda v: f"{v:.0f}/s")
+        row("... median", [rtts[p.name][0] for p in paths], lambda v: f"{v:.0f} µs", False)
+        row("... p99", [rtts[p.name][1] for p in paths], lambda v: f"{v:.0f} µs", False)
+
+    if "opens" in only:
+        opens = []
+        for path in paths:
+            opens.append((yield measure_opens(path, count)))
+        row("streams opened per second (one exchange each)", opens, lambda v: f"{v:.0f}/s")
+        reverse = Client()
+        yield link.open("reverse", str(count), reverse)
+        line = yield reverse.wait(2)
+        while not line.endswith(b"\n"):
+            line = yield reverse.wait(len(line) + 1)
+        rows.append(("... opened by the listener", f"{count / float(line):.0f}/s", *[""] * (len(header) - 2)))
+
+    if rows:
+        table(f"one HTTP/2 link vs a TLS link per stream vs ssh -L ({count} exchanges each; loopback, server in "
+              "its own process)", header, rows)
+
+    if "amp" in only:  # the control stream vs a stream per call
+        calls = []
+        for _ in range(count):
+            start = time.perf_counter()
+            yield link.callRemote(Ping, payload=b"p" * 8)
+            calls.append(time.perf_counter() - start)
+        per_call = []
+        for _ in range(count):
+            start = time.perf_counter()
+            caller = amp.AMP()
+            yield link.open("amp", "", caller)
+            yield caller.callRemote(Ping, payload=b"p" * 8)
+            caller.transport.loseConnection()
+            per_call.append(time.perf_counter() - start)
+        call, stream_call = summary(calls), summary(per_call)
+        table("AMP Ping on the link", ("path", "median", "p99", "calls/s"), [
+            ("on the long-lived control stream", f"{call[0]:.0f} µs", f"{call[1]:.0f} µs", f"{call[2]:.0f}/s"),
+            ("a stream per call", f"{stream_call[0]:.0f} µs", f"{stream_call[1]:.0f} µs", f"{stream_call[2]:.0f}/s")])
+
+    if "beside" in only:  # round trips beside a bulk transfer on the same link (the same ssh connection)
+        beside_rows = [(f"{paths[0].name}, alone", f"{rtts[paths[0].name][0]:.0f} µs",
+                        f"{rtts[paths[0].name][1]:.0f} µs", "")]
+        for path in (paths[0], paths[-1]) if ssh_port else paths[:1]:
+            times, rate = yield measure_beside(path, total)
+            during = summary(times)
+            beside_rows.append((f"{path.name}, beside the bulk stream ({len(times)} round trips)",
+                                f"{during[0]:.0f} µs", f"{during[1]:.0f} µs", f"{rate:.0f} MB/s"))
+        table(f"64-byte round trips on one stream while another on the same connection carries {args.mib} MiB",
+              ("", "median", "p99", "bulk meanwhile"), beside_rows)
 
 
 @defer.inlineCallbacks
 def both_bulks(link, plain_port, total):
     """MB/s of one bulk transfer on a stream of ``link``, then on a TLS link of its own."""
-    client = yield sink_stream(link, total)
-    mux = yield bulk(client, total)
-    client.transport.loseConnection()
-    client = yield tls_connect(plain_port)
-    client.transport.write(f"sink {total}\n".encode())
-    plain = yield bulk(client, total)
-    client.transport.loseConnection()
-    return mux, plain
+    mux = yield measure_bulk(mux_path(link), total, "self")
+    plain = yield measure_bulk(line_path("", lambda: tls_connect(plain_port)), total, "self")
+    return mux[0], plain[0]
 
 
 @defer.inlineCallbacks
@@ -329,11 +436,11 @@ def sweep_one(args, mux_port, plain_port):
 
 
 def start_server(args):
-    argv = [sys.executable, __file__, "--serve", "--stream-window", str(args.stream_window), "--link-window",
-            str(args.link_window), "--frame", str(args.frame)]
+    argv = [sys.executable, __file__, "--serve", *(["--pin"] if args.pin else []),
+            "--stream-window", str(args.stream_window), "--link-window", str(args.link_window), "--frame", str(args.frame)]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    mux_port, plain_port = map(int, server.stdout.readline().split())
-    return server, mux_port, plain_port
+    mux_port, plain_port, tcp_port = map(int, server.stdout.readline().split())
+    return server, mux_port, plain_port, tcp_port
 
 
 @defer.inlineCallbacks
@@ -343,7 +450,7 @@ def sweep(args):
         for frame in args.frames:
             args.stream_window, args.frame = window, frame
             args.link_window = max(window * 4, 32 << 20)
-            server, mux_port, plain_port = start_server(args)
+            server, mux_port, plain_port, _ = start_server(args)
             try:
                 rates = []
                 for _ in range(args.repeat):
@@ -362,8 +469,17 @@ def run():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024, help="bulk transfer size in MiB (default 1024)")
     parser.add_argument("--count", type=int, default=2000, help="round trips, opens and calls (default 2000)")
+    parser.add_argument("--only", type=lambda s: set(s.split(",")), default=set(PHASES),
+                        help=f"measure only these, comma-separated (default all: {','.join(PHASES)})")
     parser.add_argument("--sweep", action="store_true", help="time bulk transfers by window and frame size")
-    parser.add_argument("--repeat", type=int, default=2, help="transfers per setting in --sweep (default 2)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each bulk and round-trip measurement, interleaved across paths (the median is "
+                        "shown), and transfers per setting in --sweep (default 3)")
+    parser.add_argument("--no-ssh", action="store_true", help="leave out the ssh -L baseline")
+    parser.add_argument("--alone", choices=("mux", "tls"), help="measure one path alone (for profiling)")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the client and the server to a core each (steadier on an idle machine, worse when "
+                        "others load one of them)")
     parser.add_argument("--windows", type=lambda s: [int(k) << 10 for k in s.split(",")],
                         default="256,1024,2048,4096,8192", help="stream windows in KiB for --sweep")
     parser.add_argument("--frames", type=lambda s: [int(k) << 10 for k in s.split(",")], default="16,64,256",
@@ -380,17 +496,36 @@ def run():
         d = sweep(args)
         server = None
     else:
-        server, mux_port, plain_port = start_server(args)
-        d = main(args, mux_port, plain_port)
-    d.addErrback(lambda f: (f.printTraceback(), failed.append(f)))
-    d.addBoth(lambda _: reactor.stop())
-    try:
-        reactor.run()
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait()
+        server, mux_port, plain_port, tcp_port = start_server(args)
+    with contextlib.ExitStack() as stack:
+        ssh_port = None if args.sweep or args.no_ssh else ssh_forward(stack, tcp_port)  # ssh and sshd float
+        if args.pin:
+            pin(0)
+        if not args.sweep:
+            d = main(args, server.pid, mux_port, plain_port, ssh_port)
+        d.addErrback(lambda f: (f.printTraceback(), failed.append(f)))
+        d.addBoth(lambda _: reactor.stop())
+        try:
+            reactor.run()
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait()
     return 1 if failed else 0
+
+
+def ssh_forward(stack, port):
+    """``ssh -L`` to ``port`` through an sshd of this run's own: the local port, or None without sshd."""
+    root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="malai-bench-")))
+    sshd = stack.enter_context(Sshd(root))
+    if not sshd.argv:
+        print("no sshd: the ssh -L baseline is left out", file=sys.stderr)
+        return None
+    local = free_port()
+    tunnel = subprocess.Popen([*sshd.argv, "-N", "-L", f"{local}:127.0.0.1:{port}"])
+    stack.callback(lambda: (tunnel.terminate(), tunnel.wait()))
+    wait_listening(local)
+    return local
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from hyperframe.frame import (
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
+    RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
 )
@@ -635,7 +636,9 @@ class RawPeer(Protocol):
 REQUEST = [(":method", "CONNECT"), (":authority", "svc"), ("malai-kind", "tcp")]
 
 
-class AdversarialTests(SynchronousTestCase):
+class RawPeerTestCase(SynchronousTestCase):
+    """A ``MuxLink`` (the listener) attached to a ``RawPeer``."""
+
     def attach(self, responder=None, settings=MuxSettings()):
         clock = Clock()
         self.events = self.enterContext(capturedLogs())
@@ -653,6 +656,9 @@ class AdversarialTests(SynchronousTestCase):
         self.assertIn(f"closing the link with {A}: {words}", warning)
         self.assertEqual(self.peer.goaway_code(), code)
         self.peer.lost.trap(ConnectionDone)
+
+
+class AdversarialTests(RawPeerTestCase):
 
     def test_garbage_instead_of_http2_loses_the_link(self):
         link, peer, pump = self.attach()
@@ -767,6 +773,98 @@ class AdversarialTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(link.reason, "closed by the peer")
         on_listener.protocols[0].lost.trap(ConnectionLost)
+
+
+class FastPathTests(RawPeerTestCase):
+    """Plain DATA and WINDOW_UPDATE frames bypass h2 (``_H2Connection``'s fast path); every
+    other frame, and every DATA frame that does not qualify, is h2's."""
+
+    def test_a_transfer_each_way_bypasses_h2_and_keeps_its_windows(self):
+        dialer, listener, pump, opener, answerer = one_stream(self)
+        given_to_h2 = []
+        for link in (dialer, listener):
+            receive = link._conn.receive_data
+            link._conn.receive_data = lambda data, receive=receive: (given_to_h2.append(bytes(data)), receive(data))[1]
+        block = bytes(range(256)) * 12289  # three MiB and change: windows reopen many times
+        opener.transport.write(block)
+        answerer.transport.write(block[::-1])
+        pump.flush()
+        self.assertEqual((bytes(answerer.data), bytes(opener.data)), (block, block[::-1]))
+        self.assertEqual(given_to_h2, [])
+        for sender, receiver in ((dialer, listener), (listener, dialer)):
+            self.assertEqual(sender._conn.outbound_flow_control_window, receiver._conn.inbound_flow_control_window)
+            self.assertEqual(sender._conn.streams[1].outbound_flow_control_window,
+                             receiver._conn.streams[1].inbound_flow_control_window)
+
+    def test_a_write_that_fits_a_frame_is_one_frame(self):
+        dialer, listener, pump, opener, answerer = one_stream(self)
+        sent = []
+        write = dialer.transport.write
+        dialer.transport.write = lambda data: (sent.append(bytes(data)), write(data))[1]
+        for _ in range(3):
+            opener.transport.write(b"r" * 65536)
+            pump.flush()
+        self.assertEqual([len(f.data) for f in frames_in(b"".join(sent)) if isinstance(f, DataFrame)], [65536] * 3)
+
+    def test_frames_arriving_a_byte_at_a_time(self):
+        link, peer, pump = self.attach()
+        peer.send(peer.headers(1, REQUEST))
+        pump.flush()
+        peer.ack_settings()
+        pump.flush()
+        reader = link.streams[1].protocol
+        payloads = [b"a", bytes(range(256)) * 64, b"b" * 65536, b"c" * 3]
+        frames = [DataFrame(1, payload) for payload in payloads]
+        frames.insert(2, PingFrame(0, b"12345678"))
+        frames.insert(3, WindowUpdateFrame(1, window_increment=1000))
+        wire = b"".join(frame.serialize() for frame in frames)
+        for i in range(len(wire)):
+            link.dataReceived(wire[i:i + 1])
+        pump.flush()
+        self.assertEqual(bytes(reader.data), b"".join(payloads))
+        self.assertFalse(link._gone)
+        self.assertEqual(link._conn.streams[1].outbound_flow_control_window, 65535 + 1000)
+        self.assertIn(PingFrame, [type(f) for f in frames_in(peer.received)])  # the PING was answered
+
+    def test_padded_and_last_data_frames_are_h2s(self):
+        link, peer, pump = self.attach()
+        peer.send(peer.headers(1, REQUEST), DataFrame(1, b"abc", pad_length=10, flags=["PADDED"]),
+                  DataFrame(1, b"def", flags=["END_STREAM"]))
+        pump.flush()
+        reader = link.streams[1].protocol
+        self.assertEqual((bytes(reader.data), reader.read_lost), (b"abcdef", True))
+
+    def test_data_inside_a_header_block_loses_the_link(self):
+        link, peer, pump = self.attach()
+        peer.send(peer.headers(1, REQUEST))
+        pump.flush()
+        peer.send(peer.headers(3, REQUEST, flags=()), DataFrame(1, b"x"), preface=False)  # no CONTINUATION
+        self.assertLinkLost(ErrorCodes.PROTOCOL_ERROR, "protocol error: Invalid frame during header block")
+
+    def test_a_window_update_past_the_limit_resets_its_stream_only(self):
+        link, peer, pump = self.attach()
+        peer.send(peer.headers(1, REQUEST), peer.headers(3, REQUEST))
+        pump.flush()
+        first, second = link.streams[1].protocol, link.streams[3].protocol
+        peer.send(WindowUpdateFrame(1, window_increment=2 ** 31 - 1), preface=False)
+        pump.flush()
+        [reset] = [f for f in frames_in(peer.received) if isinstance(f, RstStreamFrame)]
+        self.assertEqual((reset.stream_id, reset.error_code), (1, ErrorCodes.FLOW_CONTROL_ERROR))
+        self.assertIsNotNone(first.lost)
+        self.assertIsNone(second.lost)
+        self.assertFalse(link._gone)
+
+    def test_tiny_frames_for_a_stopped_reader_are_held_in_few_pieces(self):
+        link, peer, pump = self.attach()
+        peer.send(peer.headers(1, REQUEST))
+        pump.flush()
+        reader = link.streams[1].protocol
+        reader.transport.pauseProducing()
+        peer.send(*(DataFrame(1, bytes([i % 256])) for i in range(20000)), preface=False)
+        pump.flush()
+        self.assertLessEqual(len(link.streams[1]._inbox), 1)
+        reader.transport.resumeProducing()
+        self.assertEqual(bytes(reader.data), bytes(i % 256 for i in range(20000)))
 
 
 class RealLinkTests(TestCase):

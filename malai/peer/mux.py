@@ -53,12 +53,21 @@ Back-pressure
     bounded by the windows granted, and what it queues for a peer that does not read
     (PING and SETTINGS answers) by ``max_paused_output``.
 
-    Windows, measured with one 512 MiB stream over TLS on loopback against a TLS link
-    of its own in the same run: a 256 KiB stream window reached 0.44x, 512 KiB 0.73x,
-    1 MiB 0.75-0.9x; 2 and 4 MiB were no faster, and 16 KiB frames cost half the speed
-    at any window (h2's cost is per frame). So 1 MiB stream windows and 64 KiB frames.
-    The rest of the gap is h2 itself: about 150 Python calls per frame received and
-    as many per frame sent (20 in this module), some 20 µs per message per side.
+    Windows: 1 MiB per stream, 32 MiB per link, frames up to 64 KiB. The window is what
+    queues in the one TCP connection ahead of every other stream: beside a 1 GiB transfer
+    a 64-byte round trip had a p99 of 4-5.5 ms with 1 MiB windows, 10-20 ms with 4 MiB,
+    20-31 ms with 16 MiB (2 loaded cores). Larger windows carry a lone bulk stream faster
+    on a loaded machine (16 MiB: as fast as a TLS link of its own), so the trade is made
+    for interactive streams. Figures and method: docs/mux-performance.md.
+
+Cost
+    h2 spends some 150 Python calls on each frame. Plain DATA and WINDOW_UPDATE frames,
+    nearly all of a stream's traffic, bypass it (``_H2Connection``'s fast path), a DATA
+    payload reaches its stream as its TLS records arrive, and a small write with nothing
+    queued is framed at once (``send_now``): the link's own work fell from ~100 µs to ~30
+    per 64-byte message per side, and to under a tenth of either side's CPU in a bulk
+    transfer. The rest is what a TLS link of its own costs (pyOpenSSL, Twisted's TLS and
+    reactor, the syscalls).
 
 Limits and liveness
     SETTINGS_MAX_CONCURRENT_STREAMS (``max_concurrent_streams``): an open beyond the
@@ -77,7 +86,7 @@ Limits and liveness
 import re
 import struct
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Mapping, Optional, Set, Tuple, Union, cast
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple, Union, cast
 
 import attrs
 from h2.config import H2Configuration
@@ -94,9 +103,16 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import NoAvailableStreamIDError, ProtocolError, StreamClosedError, TooManyStreamsError
+from h2.exceptions import (
+    FrameTooLargeError,
+    NoAvailableStreamIDError,
+    ProtocolError,
+    StreamClosedError,
+    TooManyStreamsError,
+)
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
+from h2.stream import StreamState
 from hyperframe.frame import DataFrame
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -166,41 +182,49 @@ class _QuietDataFrame(DataFrame):
 
 
 class _FrameBuffer(FrameBuffer):
-    """h2's frame buffer, which parses the next frame's header again on every chunk that
-    arrives and checks a frame's length only once all of it is buffered (up to 16 MiB).
-    Here the header of an incomplete frame is read once, an overlong frame is refused as
-    soon as its header is in, and received DATA frames get a cheap repr."""
-
-    _need = 9  # bytes buffered before the next frame can be complete
+    """h2's frame buffer, giving received DATA frames a cheap repr."""
 
     def __next__(self):
-        if len(self._data) < self._need:
-            raise StopIteration
-        try:
-            frame = super().__next__()
-        except StopIteration:
-            self._need = 9
-            if len(self._data) >= 9:
-                length = int.from_bytes(self._data[:3], "big")
-                self._validate_frame_length(length)
-                self._need += length
-            raise
-        self._need = 9
+        frame = super().__next__()
         if type(frame) is DataFrame:
             frame.__class__ = _QuietDataFrame
         return frame
 
 
-class _H2Connection(H2Connection):
-    """``H2Connection`` with ``_FrameBuffer``, a frame size limit applied as soon as the
-    peer acknowledged it, and less memory per link.
+#: A frame header: length (24 bits, as 16 + 8), type, flags, stream ID.
+_FRAME_HEADER = struct.Struct(">HBBBL")
+_WINDOW_UPDATE = struct.Struct(">HBBBLL")
+_DATA, _WINDOW_UPDATE_TYPE = 0x0, 0x8
+_RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)  # a stream's states that take DATA
+_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)  # ... that send DATA
+_UPDATABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE, StreamState.HALF_CLOSED_LOCAL)  # WINDOW_UPDATE
+_LARGEST_WINDOW = (1 << 31) - 1
 
-    h2 logs every received frame with ``repr(frame)``, computed even when nothing
-    logs it; a DATA frame's repr hex-encodes its whole payload (about 60 µs for 64 KiB,
-    once the largest cost of receiving a bulk stream), hence ``_QuietDataFrame``. And h2 remembers how each closed stream ended (to tell
-    a late frame on a reset stream, a stream error, from one after END_STREAM, a
-    connection error) for 65,536 streams, megabytes per busy link; 4,096 is plenty
-    for frames still in flight.
+
+class _H2Connection(H2Connection):
+    """``H2Connection`` with a fast path for DATA and WINDOW_UPDATE frames, a frame size
+    limit applied as soon as the peer acknowledged it, and less memory per link.
+
+    The fast path. h2 spends some 150 Python calls on each DATA frame it receives (the
+    frame parsed into objects, its repr, two state machines, events) and as many on
+    each it sends (a DataFrame object serialized, the payload copied twice). For the
+    common frames (DATA without END_STREAM or padding on a stream whose state takes it,
+    a WINDOW_UPDATE the window takes) ``data_received_fast``, ``window_update_fast``,
+    ``send_data_fast`` and ``acknowledge_fast`` do exactly the accounting h2 does (both
+    flow-control windows, the same errors) and nothing else: these frames change no
+    state in either state machine, so skipping them keeps h2's view whole. Every other
+    frame, and every one that does not qualify, goes through h2 unchanged (``MuxLink``
+    hands it over in order, and handles h2's events before it looks at the next frame).
+    Output stays in order: frames written here follow whatever h2 queued before them
+    (``_append``). These methods reach into h2 4.x internals (``_data_to_send``, the
+    window managers, ``_headers_buffer``); tests/test_mux.py ``FastPathTests`` checks
+    that both ends' windows still agree after traffic each way.
+
+    h2 logs every frame it receives with ``repr(frame)``, computed even when nothing logs
+    it; a DATA frame's repr hex-encodes its payload, hence ``_QuietDataFrame``. And h2
+    remembers how each closed stream ended (to tell a late frame on a reset stream, a
+    stream error, from one after END_STREAM, a connection error) for 65,536 streams,
+    megabytes per busy link; 4,096 is plenty for frames still in flight.
     """
 
     MAX_CLOSED_STREAMS = 4096
@@ -210,6 +234,7 @@ class _H2Connection(H2Connection):
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         self.incoming_buffer.max_frame_size = self.max_inbound_frame_size
         self._frame_dispatch_table[_QuietDataFrame] = self._receive_data_frame
+        self._out: List[bytes] = []  # output in order: h2's own, then ours
 
     @property  # type: ignore[override]
     def max_inbound_frame_size(self) -> int:
@@ -222,6 +247,85 @@ class _H2Connection(H2Connection):
         self._max_inbound_frame_size = value
         if hasattr(self, "incoming_buffer"):
             self.incoming_buffer.max_frame_size = value
+
+    def _append(self, chunk: bytes) -> None:
+        if self._data_to_send:
+            self._out.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        self._out.append(chunk)
+
+    def data_to_send(self, amount: None = None) -> bytes:
+        """All queued output (h2's and the fast path's) in one piece."""
+        out = self._out
+        if self._data_to_send:
+            out.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+    def send_window(self, stream_id: int) -> int:
+        """How much the next DATA frame of ``stream_id`` may carry: both windows and the frame
+        size, 0 once the stream or the connection sends no more."""
+        stream = self.streams.get(stream_id)
+        if (stream is None or stream.state_machine.state not in _SENDING
+                or self.state_machine.state is ConnectionState.CLOSED):
+            return 0
+        return min(self.outbound_flow_control_window, stream.outbound_flow_control_window,
+                   self.max_outbound_frame_size)
+
+    def send_data_fast(self, stream_id: int, parts: list, size: int) -> None:
+        """``send_data(stream_id, b"".join(parts))`` for 0 < ``size`` <= ``send_window(stream_id)``."""
+        self.outbound_flow_control_window -= size
+        self.streams[stream_id].outbound_flow_control_window -= size
+        self._append(_FRAME_HEADER.pack(size >> 8, size & 0xFF, _DATA, 0, stream_id))
+        self._out += parts
+
+    def data_received_fast(self, stream_id: int, flags: int, length: int) -> bool:
+        """Account for a received DATA frame as ``_receive_data_frame`` would, if it qualifies
+        (no flags, a stream that takes DATA and counts no content-length); else False and
+        the frame is h2's. Raises ``FlowControlError`` as h2 does."""
+        stream = self.streams.get(stream_id)
+        if (flags or stream is None or self.incoming_buffer._headers_buffer
+                or stream.state_machine.state not in _RECEIVING or not stream.state_machine.headers_received
+                or stream._expected_content_length is not None):
+            return False
+        self._inbound_flow_control_window_manager.window_consumed(length)
+        stream._inbound_window_manager.window_consumed(length)
+        stream._actual_content_length += length
+        return True
+
+    def window_update_fast(self, stream_id: int, length: int, increment: int) -> bool:
+        """Apply a received WINDOW_UPDATE as ``_receive_window_update_frame`` would, if it
+        qualifies (a valid increment the window takes, on the connection or a stream that
+        takes it); else False and the frame is h2's."""
+        if length != 4 or not increment or self.incoming_buffer._headers_buffer:
+            return False
+        if not stream_id:
+            if self.outbound_flow_control_window + increment > _LARGEST_WINDOW:
+                return False
+            self.outbound_flow_control_window += increment
+            return True
+        stream = self.streams.get(stream_id)
+        if (stream is None or stream.state_machine.state not in _UPDATABLE
+                or stream.outbound_flow_control_window + increment > _LARGEST_WINDOW):
+            return False
+        stream.outbound_flow_control_window += increment
+        return True
+
+    def acknowledge_fast(self, stream_id: int, size: int) -> None:
+        """``acknowledge_received_data(size, stream_id)``: WINDOW_UPDATEs once half a window
+        was taken (h2's ``WindowManager`` decides)."""
+        increment = self._inbound_flow_control_window_manager.process_bytes(size)
+        if increment:
+            self._append(_WINDOW_UPDATE.pack(0, 4, _WINDOW_UPDATE_TYPE, 0, 0, increment))
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.open:
+            increment = stream._inbound_window_manager.process_bytes(size)
+            if increment:
+                self._append(_WINDOW_UPDATE.pack(0, 4, _WINDOW_UPDATE_TYPE, 0, stream_id, increment))
 
 
 def _sanitize(text: str, limit: int) -> str:
@@ -272,6 +376,13 @@ class MuxLink(Protocol):
         self._gone = False  # GOAWAY sent or the connection lost: no more h2 calls
         self._pumping = False
         self._receiving = False
+        self._preamble = 0 if dialer else 24  # bytes of the dialer's connection preface still to come
+        self._partial: List[Union[bytes, memoryview]] = []  # the start of a frame, in the chunks it came in
+        self._partial_size = 0
+        self._need = 0  # ... and its whole size (or 9 for its header)
+        self._acks: Dict[int, int] = {}  # stream ID: bytes taken during this read
+        self._cut_stream: Optional[MuxStream] = None  # the stream whose DATA frame is arriving
+        self._cut_left = 0  # ... and how much of its payload is still to come
         self._paused_output = 0
         self._last_heard = 0.0
         self._ping: Optional[Tuple[bytes, float]] = None
@@ -314,25 +425,29 @@ class MuxLink(Protocol):
         self.close(f"the control stream did not open: {reason.getErrorMessage()}")
 
     def dataReceived(self, data: bytes) -> None:
+        """Split what arrived into frames. A qualifying DATA frame's payload goes to its stream
+        as it arrives (``_cut_left`` bytes of it to come), runs of other frames go to h2 (its
+        events handled before the next frame is looked at), a frame's start waits in
+        ``_partial``."""
         if self._gone:
             return
         self._last_heard = self.clock.seconds()
-        try:
-            events = self._conn.receive_data(data)
-        except ProtocolError as e:
-            self._flush()  # h2 queued GOAWAY with the error's code
-            self._lose(f"protocol error: {_brief(e)}", warn=True)
-            return
-        if not events:
-            return
-        if self._conn.state_machine.state is ConnectionState.CLOSED:
-            self._gone = True  # GOAWAY came in: the events before it still count, nothing more is sent
         self._receiving = True
         try:
-            for event in events:
-                handler = self._handlers.get(type(event))
-                if handler is not None:
-                    handler(self, event)
+            if self._preamble:  # the listener's h2 checks the dialer's connection preface
+                size = min(self._preamble, len(data))
+                self._preamble -= size
+                self._to_h2(data[:size])
+                data = data[size:]
+            if self._partial:
+                self._partial.append(data)
+                self._partial_size += len(data)
+                if self._partial_size >= self._need:
+                    data = b"".join(self._partial)
+                    self._partial.clear()
+                    self._frames(data)
+            else:
+                self._frames(data)
         except Exception:
             self.log.failure("the link with {peer}", peer=self.peer.peer)
             self._gone = True
@@ -340,7 +455,95 @@ class MuxLink(Protocol):
             self.transport.abortConnection()
         finally:
             self._receiving = False
+        if self._acks:
+            if not self._gone:
+                for stream_id, size in self._acks.items():
+                    self._conn.acknowledge_fast(stream_id, size)
+            self._acks.clear()
         self._flush()
+
+    def _frames(self, data: bytes) -> None:
+        conn = self._conn
+        view = memoryview(data)
+        end = len(data)
+        offset = h2_from = 0  # the frames from h2_from to offset are h2's, not given to it yet
+        while not self._gone:
+            if self._cut_left:
+                size = min(self._cut_left, end - offset)
+                if not size:
+                    break
+                stream = self._cut_stream
+                self._cut_left -= size
+                if not self._cut_left:
+                    self._cut_stream = None
+                # a chunk that is all payload goes as it is; else its payload is copied out
+                payload = data if size == end else bytes(view[offset:offset + size])
+                h2_from = offset = offset + size
+                stream.data_received(payload, size)
+                continue
+            if end - offset < 9:
+                break
+            high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(data, offset)
+            length = high << 8 | low
+            if h2_from < offset and (kind == _DATA or kind == _WINDOW_UPDATE_TYPE
+                                     or length > conn.max_inbound_frame_size):
+                # the frames before decide whether this one qualifies (a HEADERS opening its
+                # stream) or fits (a SETTINGS ACK raising the frame size limit)
+                self._to_h2(view[h2_from:offset])
+                h2_from = offset
+                continue
+            stream_id &= 0x7FFFFFFF
+            following = offset + 9 + length
+            try:
+                if length > conn.max_inbound_frame_size:
+                    raise FrameTooLargeError(
+                        f"Received overlong frame: length {length}, max {conn.max_inbound_frame_size}")
+                if kind == _DATA:
+                    stream = self.streams.get(stream_id)
+                    if stream is not None and conn.data_received_fast(stream_id, flags, length):
+                        h2_from = offset = offset + 9
+                        if length:
+                            self._cut_stream, self._cut_left = stream, length
+                        continue
+                elif kind == _WINDOW_UPDATE_TYPE and following <= end:
+                    increment = int.from_bytes(view[offset + 9:following], "big") & 0x7FFFFFFF
+                    if conn.window_update_fast(stream_id, length, increment):
+                        h2_from = offset = following
+                        self._window_opened(stream_id)
+                        continue
+            except ProtocolError as e:
+                conn._terminate_connection(e.error_code)
+                self._protocol_error(e)
+                return
+            if following > end:
+                self._need = following - offset
+                break
+            offset = following
+        if h2_from < offset and not self._gone:
+            self._to_h2(view[h2_from:offset])
+        if offset < end and not self._gone:  # the start of a frame
+            if end - offset < 9:
+                self._need = 9
+            self._partial.append(view[offset:])
+            self._partial_size = end - offset
+
+    def _to_h2(self, frames) -> None:
+        """Hand frames to h2 and handle its events."""
+        try:
+            events = self._conn.receive_data(frames)
+        except ProtocolError as e:  # h2 queued GOAWAY with the error's code
+            self._protocol_error(e)
+            return
+        if self._conn.state_machine.state is ConnectionState.CLOSED:
+            self._gone = True  # GOAWAY came in: the events before it still count, nothing more is sent
+        for event in events:
+            handler = self._handlers.get(type(event))
+            if handler is not None:
+                handler(self, event)
+
+    def _protocol_error(self, error: ProtocolError) -> None:
+        self._flush()
+        self._lose(f"protocol error: {_brief(error)}", warn=True)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._gone = True
@@ -533,11 +736,16 @@ class MuxLink(Protocol):
 
     # -- the streams drive these -------------------------------------------------------------
     def ack(self, stream_id: int, flow_length: int) -> None:
-        """The stream's protocol took ``flow_length`` bytes: the peer may send that much more."""
-        if flow_length and not self._gone:
-            self._conn.acknowledge_received_data(flow_length, stream_id)
-            if not self._receiving:  # else dataReceived flushes once at the end
-                self._flush()
+        """The stream's protocol took ``flow_length`` bytes: the peer may send that much more.
+        While a read is being handled this is counted and applied once it is over, so every
+        frame of it is held to the windows the peer knew of."""
+        if not flow_length or self._gone:
+            return
+        if self._receiving:
+            self._acks[stream_id] = self._acks.get(stream_id, 0) + flow_length
+        else:
+            self._conn.acknowledge_fast(stream_id, flow_length)
+            self._flush()
 
     def want_send(self, stream: MuxStream) -> None:
         """``stream`` has bytes or an END_STREAM to frame."""
@@ -547,8 +755,23 @@ class MuxLink(Protocol):
         self._pump()
         stream.update_producer()
 
+    def send_now(self, stream: MuxStream, data: bytes) -> bool:
+        """Frame all of ``data`` at once if the link and the windows take it (the common write:
+        nothing waits in the stream's outbox), without the outbox and the pump; else False.
+        Other streams wait in ``_sending`` only for their windows when the link is not paused
+        and not pumping, so this passes none of them."""
+        if self.paused or self._gone or self._pumping or stream.protocol is None or stream.local_ended:
+            return False
+        size = len(data)
+        if size > self._conn.send_window(stream.stream_id):
+            return False
+        self._conn.send_data_fast(stream.stream_id, [data], size)
+        self.bytes_sent += size
+        self._flush()
+        return True
+
     def can_send(self, stream: MuxStream) -> bool:
-        return not (self.paused or self._gone) and self._window(stream.stream_id) > 0
+        return not (self.paused or self._gone) and self._conn.send_window(stream.stream_id) > 0
 
     def reset(self, stream: MuxStream, code: int) -> None:
         """RST_STREAM ``stream`` unless it is closed already."""
@@ -581,12 +804,6 @@ class MuxLink(Protocol):
             self._maybe_drained()
 
     # -- framing --------------------------------------------------------------------------------
-    def _window(self, stream_id: int) -> int:
-        try:
-            return min(self._conn.local_flow_control_window(stream_id), self._conn.max_outbound_frame_size)
-        except (StreamClosedError, ProtocolError):
-            return 0
-
     def _pump(self) -> None:
         """Frame what streams have to send, one frame per stream in turn, while the
         transport takes it and windows allow."""
@@ -612,13 +829,16 @@ class MuxLink(Protocol):
             return False
         try:
             if stream.outbox_bytes:
-                size = self._window(stream_id)
+                size = self._conn.send_window(stream_id)
                 if size <= 0:
                     return False  # stays: WindowUpdated sends it
-                data = stream.take(size)
+                parts, size = stream.take(size)
                 end = stream.end_wanted and not stream.outbox
-                self._conn.send_data(stream_id, data, end_stream=end)
-                self.bytes_sent += len(data)
+                if end:
+                    self._conn.send_data(stream_id, b"".join(parts), end_stream=True)
+                else:
+                    self._conn.send_data_fast(stream_id, parts, size)
+                self.bytes_sent += size
             elif stream.end_wanted:
                 end = True
                 self._conn.end_stream(stream_id)
@@ -697,8 +917,11 @@ class MuxLink(Protocol):
             stream.reset_by_peer(event.error_code)
 
     def _on_window(self, event: WindowUpdated) -> None:
-        if event.stream_id:
-            stream = self.streams.get(event.stream_id)
+        self._window_opened(event.stream_id)
+
+    def _window_opened(self, stream_id: int) -> None:
+        if stream_id:
+            stream = self.streams.get(stream_id)
             if stream is not None:
                 self._pump()
                 stream.sent()

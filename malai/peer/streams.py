@@ -11,7 +11,8 @@ restart its own ``dataReceived``. ``getPeer``/``getHost`` return the link's
 
 Back-pressure is HTTP/2 flow control. Received bytes are acknowledged to the
 peer only once ``dataReceived`` took them: a paused reader keeps at most one
-stream window buffered here and stalls only its own stream. Outgoing bytes
+stream window buffered here (in pieces of up to 64 KiB, however small the
+frames were) and stalls only its own stream. Outgoing bytes
 wait here while the stream's send window is empty or the link's transport is
 paused; above ``high_water`` buffered bytes the registered producer is paused,
 below ``low_water`` resumed, and a writer that ignores that and buffers more
@@ -23,7 +24,7 @@ or when either side resets it, or when the link goes.
 """
 
 from collections import deque
-from typing import Deque, Mapping, Tuple
+from typing import Deque, Mapping, Tuple, Union
 
 import attrs
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
@@ -68,6 +69,9 @@ class StreamRequest:
 
 
 _NO_ERROR, _CANCEL = 0x0, 0x8
+#: Pieces held for a paused reader are merged up to this size: a window's worth of one-byte
+#: frames is then a few entries, not a million.
+_MERGE = 64 * 1024
 
 
 @implementer(ITransport, IConsumer, IPushProducer)
@@ -84,7 +88,7 @@ class MuxStream:
         self.protocol = None
         self.connected = False
         # outgoing: the application's bytes not yet framed, and its producer
-        self.outbox: Deque[memoryview] = deque()
+        self.outbox: Deque[Union[bytes, memoryview]] = deque()
         self.outbox_bytes = 0
         self.producer = None
         self.streaming = False
@@ -94,7 +98,7 @@ class MuxStream:
         self.local_ended = False  # END_STREAM sent (or the peer reset the stream)
         self._closing = False  # loseConnection: reading stops as well
         # incoming: bytes the application has not taken yet, with their flow-controlled length
-        self._inbox: Deque[Tuple[bytes, int]] = deque()
+        self._inbox: Deque[Tuple[Union[bytes, bytearray], int]] = deque()
         self._reading_paused = False
         self._delivering = False
         self.remote_ended = False  # END_STREAM received
@@ -116,7 +120,23 @@ class MuxStream:
         if self.ended or self._closing:
             self.link.ack(self.stream_id, flow_length)
             return
-        self._inbox.append((data, flow_length))
+        inbox = self._inbox
+        if data and not inbox and not self._reading_paused and not self._delivering and self.protocol is not None:
+            self._delivering = True  # what _deliver does for one piece, without the inbox
+            try:
+                self._call(self.protocol.dataReceived, data)
+            finally:
+                self._delivering = False
+            self.link.ack(self.stream_id, flow_length)
+            return
+        if inbox and len(inbox[-1][0]) + len(data) <= _MERGE:  # held: small pieces are merged
+            held, held_length = inbox[-1]
+            if type(held) is not bytearray:
+                held = bytearray(held)
+            held += data
+            inbox[-1] = (held, held_length + flow_length)
+        else:
+            inbox.append((data, flow_length))
         self._deliver()
 
     def remote_end(self) -> None:
@@ -186,7 +206,7 @@ class MuxStream:
             while self._inbox and not self._reading_paused and not self.ended:
                 data, flow_length = self._inbox.popleft()
                 if data:
-                    self._call(self.protocol.dataReceived, data)
+                    self._call(self.protocol.dataReceived, bytes(data) if type(data) is bytearray else data)
                 self.link.ack(self.stream_id, flow_length)
         finally:
             self._delivering = False
@@ -226,9 +246,12 @@ class MuxStream:
     def write(self, data: bytes) -> None:
         if not data or self.end_wanted or self.ended:
             return
-        if not isinstance(data, bytes):
+        if type(data) is not bytes:
             data = bytes(data)  # a view of a buffer the caller may change before it is sent
-        self.outbox.append(memoryview(data))
+        if not self.outbox and self.link.send_now(self, data):
+            self.update_producer()
+            return
+        self.outbox.append(data)
         self.outbox_bytes += len(data)
         if self.outbox_bytes > self.link.settings.max_stream_buffer:
             self.log.warn("{stream} on the link with {peer}: its writer buffered over {limit} bytes: reset",
@@ -267,22 +290,25 @@ class MuxStream:
         self.link.reset(self, _CANCEL)
         self.finish(Failure(ConnectionAborted()))
 
-    def take(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes from the outbox, for one DATA frame."""
+    def take(self, limit: int) -> Tuple[list, int]:
+        """Up to ``limit`` bytes from the outbox, for one DATA frame: the pieces (not copied:
+        the link joins them with the frame header) and their size."""
+        outbox = self.outbox
         parts = []
         size = 0
-        while self.outbox and size < limit:
-            chunk = self.outbox[0]
+        while outbox and size < limit:
+            chunk = outbox[0]
             room = limit - size
             if len(chunk) > room:
-                parts.append(chunk[:room])
-                self.outbox[0] = chunk[room:]
+                view = memoryview(chunk)
+                parts.append(view[:room])
+                outbox[0] = view[room:]
                 size = limit
             else:
-                parts.append(self.outbox.popleft())
+                parts.append(outbox.popleft())
                 size += len(chunk)
         self.outbox_bytes -= size
-        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+        return parts, size
 
     def getPeer(self) -> PeerAddress:
         return self.link.peer
