@@ -144,7 +144,7 @@ class PublisherTests(SynchronousTestCase):
         self.clock, self.pushes, self.failing = Clock(), [], False
         pool = SimpleNamespace(get=lambda identity, peer: (
             fail(ConnectionError("unreachable")) if self.failing else succeed(FakeLink(self.pushes))))
-        self.cluster = SimpleNamespace(name="company", identity=KEYS["cm"],
+        self.cluster = SimpleNamespace(name="company", identity=KEYS["cm"], daemon=None,
                                        entry=SimpleNamespace(cluster=parse_cluster(self.text)))
         self.store = ClusterStore(folder)
         self.saves = []
