@@ -83,6 +83,22 @@ class ExecThroughControlTests(TestCase):
         except AssertionError:
             self.fail(f"descriptors before {before}, now {({pid: fds(pid) for pid in before})}")
 
+    def test_a_signal_sent_as_the_command_starts_reaches_it(self):
+        """The machine answers an exec stream as soon as it spawned the process, before the child
+        made its own process group (setsid): a Ctrl-C sent at once must not be lost."""
+        import signal
+
+        from malai.cli.remote import Options, request
+        from tests.test_memory import exit_status
+
+        for _ in range(10):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(20)
+                sock.connect(str(self.laptop.root / "malai.socket"))
+                self.assertIsNone(request(sock, "company", "web01", ["sleep", "60"], Options(), 24, 80))
+                sock.sendall(frames.encode(frames.SIGNAL, str(int(signal.SIGINT)).encode()))
+                self.assertEqual(exit_status(sock), 128 + signal.SIGINT)
+
     def test_200_concurrent_sessions(self):
         """200 `malai web01.company true` at once all finish (#13 item 13: 67 of 200 lost to EINVAL)."""
         env = dict(os.environ, MALAI_HOME=str(self.laptop.root))

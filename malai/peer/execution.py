@@ -34,6 +34,7 @@ __all__ = ["BadRequest", "ExecRequest", "ExecSession", "caller_name", "check_req
 FORWARDED_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGKILL,
                      signal.SIGUSR1, signal.SIGUSR2}
 KILL_GRACE = 2.0
+SIGNAL_TRIES = 100  # x 10 ms: how long a signal waits for a new process's group
 MALFORMED = "malformed exec frame"
 
 
@@ -193,6 +194,7 @@ class ExecSession(Protocol):
         self.timed_out = False
         self._timer = None
         self._kill_timer = None
+        self._signal_retry = None  # a signal waiting for the process group to exist
 
     def connectionMade(self) -> None:
         r = self.request
@@ -273,14 +275,24 @@ class ExecSession(Protocol):
         else:
             raise ValueError(f"frame kind {kind!r}")
 
-    def _signal(self, signum: int) -> None:
+    def _signal(self, signum: int, tries: int = SIGNAL_TRIES) -> None:
         """``signum`` to the process group while it may still exist."""
         if self.pgid is None or not self.running:
             return
         try:
             os.killpg(self.pgid, signum)
-        except (ProcessLookupError, PermissionError):
+        except ProcessLookupError:
+            # Spawned a moment ago (an exec stream is answered at once): the child has not made its
+            # process group yet (setsid), and signalling it before its exec would hit the daemon's
+            # own handlers in the forked child. Try again in a moment.
+            if tries and self._signal_retry is None:
+                self._signal_retry = self.reactor.callLater(0.01, self._retry_signal, signum, tries - 1)
+        except PermissionError:
             pass
+
+    def _retry_signal(self, signum: int, tries: int) -> None:
+        self._signal_retry = None
+        self._signal(signum, tries)
 
     def _resize(self, rows: int, cols: int) -> None:
         import fcntl
@@ -325,6 +337,9 @@ class ExecSession(Protocol):
             self._kill_timer.cancel()
             self._signal(signal.SIGKILL)  # being stopped: what is left of the group goes with its leader
         self.running = False
+        if self._signal_retry is not None and self._signal_retry.active():
+            self._signal_retry.cancel()
+        self._signal_retry = None
         self._finish(124 if self.timed_out else (128 + signum if signum else (code or 0)), signum=signum or 0)
 
     def connectionLost(self, reason=None) -> None:
