@@ -110,7 +110,14 @@ class TorNetwork:
             if all(log.exists() and "Bootstrapped 100%" in log.read_text() for log in logs):
                 return time.monotonic() - start
             time.sleep(0.5)
-        raise AssertionError(f"the private Tor network did not bootstrap within {timeout:g}s")
+        behind = []
+        for name in self.nodes:
+            log = self.root / name / "notice.log"
+            lines = log.read_text().splitlines() if log.exists() else ["no log"]
+            if not any("Bootstrapped 100%" in line for line in lines):
+                behind.append(f"{name}: {lines[-1] if lines else 'empty log'}")
+        raise AssertionError(f"the private Tor network did not bootstrap within {timeout:g}s; still behind:\n"
+                             + "\n".join(behind))
 
     def control(self, name: str) -> str:
         return f"tcp:127.0.0.1:{self.ports[name]['control']}"
