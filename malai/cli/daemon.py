@@ -291,6 +291,10 @@ def _print_status(state: dict) -> None:
         print(f"  tcp.{f['name']:<12} {f['local']} → {f['remote']}, {f['active']} open, {f['total']} since start")
     if state.get("tor", "off") != "off":
         print(f"  tor {state['tor']}: {', '.join(state['onions']) or 'no onion service up yet'}")
+    if "lan_discovery" in state:
+        seen = f", {state['lan_announced']} identities announced, {state['lan_seen']} heard" \
+            if "lan_seen" in state else ""
+        print(f"  LAN discovery {state['lan_discovery']}{seen}")
     if state.get("relay_total"):
         print(f"  relayed {state['relay_total']} streams ({state['relay_active']} open), {state['relay_bytes']} bytes")
     if state.get("http"):

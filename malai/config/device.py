@@ -93,6 +93,11 @@ def parse_device(text: str, file: str = "malai.toml") -> DeviceConfig:
         metrics = mt.string("listen", required=True,
                             check=lambda v: None if v.strip() else "an endpoint must not be empty")
         mt.done()
+    lan = True
+    lt = root.table("discovery")
+    if lt is not None:
+        lan = lt.boolean("lan", True)
+        lt.done()
     root.done()
     source.raise_problems()
-    return DeviceConfig(aliases, tcp, http_listen, listen, tor, metrics)
+    return DeviceConfig(aliases, tcp, http_listen, listen, tor, metrics, lan)

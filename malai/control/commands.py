@@ -70,6 +70,9 @@ class Status(amp.Command):
         (b"relay_bytes", amp.Integer()),
         (b"tor", amp.Unicode()),  # off, connecting, running, failed: …
         (b"onions", Chunked(amp.ListOf(amp.Unicode()))),  # the onion services up, one per identity
+        (b"lan_discovery", amp.Unicode(optional=True)),  # on, starting, off[: why] (malai.services.discovery)
+        (b"lan_announced", amp.Integer(optional=True)),  # identities announced on the LAN
+        (b"lan_seen", amp.Integer(optional=True)),  # announcements heard from the LAN
     ]
 
 

@@ -25,6 +25,7 @@ from malai.peer.links import LinkPool, SpareLinks
 from malai.peer.protocol import HelloInfo, PeerAMP, PeerAMPFactory
 from malai.peer.relaying import Relayer, relay_endpoint
 from malai.services.cluster import ClusterService
+from malai.services.discovery import apply_discovery
 from malai.services.forwarding import Forwards
 from malai.services.listening import ListeningService
 from malai.services.memory import MemoryTrim
@@ -63,6 +64,7 @@ class MalaiService(MultiService):
         self.http_upstreams = UpstreamPool(reactor)
         self.relayer = Relayer(reactor)
         self.tor: Optional[TorService] = None
+        self.discovery = None  # [discovery] lan in malai.toml: malai.services.discovery
         self.metrics = self.metrics_listener = None  # [metrics] in malai.toml: malai.services.metrics
         self.dialer.kinds["relay"] = relay_endpoint(self.dialer, lambda: self.hello)
         self.accept = server_factory(self.tls, self._route, reactor)  # peer links, direct or arriving through a relay
@@ -218,12 +220,14 @@ class MalaiService(MultiService):
         """Validate everything, then apply only what differs; a broken cluster is
         refused and keeps running as it was, the others are untouched."""
         reports: List[Report] = []
+        lan = None  # LAN discovery as it is, unless malai.toml is read now
         if only is None:
             try:
                 device = self.home.load_device()
             except ConfigError as e:
                 reports.append(Report("malai.toml", "refused", [str(p) for p in e.problems]))
             else:
+                lan = device.lan
                 reports.extend(self.forwards.apply(device, check))
                 reports.extend(self._apply_tor(device.tor, check))
                 reports.extend(apply_metrics(self, device.metrics, check))
@@ -244,6 +248,7 @@ class MalaiService(MultiService):
                 if not check:
                     self._remove(alias)
                 reports.append(Report(alias, "removed"))
+        reports.extend(apply_discovery(self, lan, check))  # announces the identities held now
         return reports
 
     def _apply(self, entry: ClusterEntry, check: bool) -> str:
@@ -315,6 +320,7 @@ class MalaiService(MultiService):
                 "http_urls": self.forwards.http.urls() if self.forwards.http else [],
                 **{f"relay_{k}": v for k, v in self.relayer.summary().items()},
                 **(self.tor.summary() if self.tor is not None else {"tor": "off", "onions": []}),
+                **(self.discovery.summary() if self.discovery is not None else {"lan_discovery": "off"}),
                 **({"http": self.forwards.http.address()} if self.forwards.http else {})}
 
     def cluster(self, alias: str) -> ClusterService:
