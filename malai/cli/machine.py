@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
                       help="where the cluster manager listens (repeatable)")
     init.add_argument("--name", help="this machine's name in the cluster (default: the host name)")
     init.set_defaults(run=run_init)
+    from malai.cli.invite import add_join_parser
+
+    add_join_parser(msub)
 
 
 def _default_name() -> str:

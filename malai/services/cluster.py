@@ -9,6 +9,7 @@ from twisted.protocols import amp
 
 from malai.acl import Acl, Decision, expression_terms
 from malai.audit import AuditLog
+from malai.config.invites import InviteStore
 from malai.config.models import DEFAULT_HEARTBEAT
 from malai.config.store import ClusterStore
 from malai.errors import MalaiError
@@ -16,6 +17,7 @@ from malai.home import MANAGER, ClusterEntry
 from malai.identity import ID52Error, Identity, parse_id52
 from malai.p2p.link import PeerAddress
 from malai.peer.commands import RelayRefused
+from malai.peer.joining import JoinLocator
 from malai.peer.relaying import Relayer, attach
 from malai.peer.responders import ClusterResponder
 from malai.services.agent import MachineAgent
@@ -190,6 +192,10 @@ class ClusterService(MultiService):
     def knows(self, peer: str) -> bool:
         return peer in self.peers()
 
+    def admits(self, peer: str) -> bool:
+        """Whether a stranger may open a link, to join with an invite: only on a manager with one pending."""
+        return self.entry.cluster is not None and bool(InviteStore(self.entry.path).pending())
+
     def addresses(self) -> Dict[str, List[str]]:
         """Connection hints from config, by ID52."""
         e = self.entry
@@ -269,7 +275,7 @@ class ClusterService(MultiService):
         return []
 
     def responder_for(self, peer: PeerAddress) -> amp.CommandLocator:
-        return ClusterResponder(self, peer)
+        return ClusterResponder(self, peer) if self.knows(peer.peer) else JoinLocator(self, peer)
 
     def config_version(self) -> int:
         if self.publisher is not None:

@@ -190,6 +190,8 @@ class MalaiService(MultiService):
 
     def _route(self, addr: PeerAddress) -> Optional[PeerAMP]:
         cluster = self._cluster_for(addr.local)
+        if cluster is not None and not cluster.knows(addr.peer) and cluster.admits(addr.peer):
+            return self._accepted.buildProtocol(addr)  # a stranger with an invite: JoinCluster only, never pooled
         if cluster is None or not cluster.knows(addr.peer):
             return None
         link = self._accepted.buildProtocol(addr)
