@@ -278,6 +278,8 @@ def _print_status(state: dict) -> None:
     print(f"  peers on {', '.join(state['listen']) or 'nothing'}")
     for c in state["clusters"]:
         waiting = " (waiting for its first config)" if c["waiting_for_config"] else ""
+        if c.get("manager_problem"):
+            waiting += f"\n    manager unreachable: {c['manager_problem']}"
         machines = f", {c['machines']} machines" if c["role"] == "manager" else ""
         print(f"  {c['cluster']:<16} {c['role']:<8} {c['id52']}{machines}, config version "
               f"{c['config_version']}, {c['links']} links{waiting}")

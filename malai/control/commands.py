@@ -41,6 +41,7 @@ class Status(amp.Command):
             (b"id52", amp.Unicode()),
             (b"machines", amp.Integer()),
             (b"waiting_for_config", amp.Boolean()),
+            (b"manager_problem", amp.Unicode(optional=True)),  # a machine: why it has no link to its manager
             (b"config_version", amp.Integer()),
             (b"publishing", amp.Boolean()),  # the manager is still making the configs of its last rescan
             (b"in_sync", amp.Integer()),

@@ -315,6 +315,7 @@ class ClusterService(MultiService):
         counts = Counter(m["sync"] for m in sync)
         return {"cluster": self.name, "role": self.role, "id52": self.identity.id52, "machines": machines,
                 "waiting_for_config": e.role != MANAGER and e.machine is None,
+                "manager_problem": self.agent.manager_problem() if self.agent is not None else "",
                 "config_version": self.config_version(),
                 "publishing": self.publisher is not None and self.publisher.publishing(),
                 "in_sync": counts["in sync"], "pending": counts["pending"], "failing": counts["error"],
