@@ -19,6 +19,7 @@ setup(
         "h2>=4.1",
         "txtorcon>=23",
         "prometheus-client>=0.17",
+        "zeroconf>=0.130",
     ],
     extras_require={
         "test": ["hypothesis>=6", "ruff", "mypy", "mypy-zope", "websockets>=12"],

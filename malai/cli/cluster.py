@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
                            description="Create clusters/<name>/cluster.toml and the manager key.")
     init.add_argument("name", help="cluster name: lowercase letters, digits and '-'")
     init.set_defaults(run=run_init)
+    from malai.cli.invite import add_invite_parsers
+
+    add_invite_parsers(csub)
 
 
 def run_init(args) -> int:

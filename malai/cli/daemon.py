@@ -278,6 +278,8 @@ def _print_status(state: dict) -> None:
     print(f"  peers on {', '.join(state['listen']) or 'nothing'}")
     for c in state["clusters"]:
         waiting = " (waiting for its first config)" if c["waiting_for_config"] else ""
+        if c.get("manager_problem"):
+            waiting += f"\n    manager unreachable: {c['manager_problem']}"
         machines = f", {c['machines']} machines" if c["role"] == "manager" else ""
         print(f"  {c['cluster']:<16} {c['role']:<8} {c['id52']}{machines}, config version "
               f"{c['config_version']}, {c['links']} links{waiting}")
@@ -293,6 +295,10 @@ def _print_status(state: dict) -> None:
         print(f"  tcp.{f['name']:<12} {f['local']} → {f['remote']}, {f['active']} open, {f['total']} since start")
     if state.get("tor", "off") != "off":
         print(f"  tor {state['tor']}: {', '.join(state['onions']) or 'no onion service up yet'}")
+    if "lan_discovery" in state:
+        seen = f", {state['lan_announced']} identities announced, {state['lan_seen']} heard" \
+            if "lan_seen" in state else ""
+        print(f"  LAN discovery {state['lan_discovery']}{seen}")
     if state.get("relay_total"):
         print(f"  relayed {state['relay_total']} links ({state['relay_active']} open), {state['relay_bytes']} bytes")
     if state.get("http"):

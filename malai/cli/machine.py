@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
                       help="where the cluster manager listens (repeatable)")
     init.add_argument("--name", help="this machine's name in the cluster (default: the host name)")
     init.set_defaults(run=run_init)
+    from malai.cli.invite import add_join_parser
+
+    add_join_parser(msub)
 
 
 def _default_name() -> str:
@@ -44,8 +47,10 @@ def run_init(args) -> int:
         error = check_addr(addr)
         if error:
             raise UsageError(f"--addr: {error}")
-    name = args.name or _default_name()
     home = home_of(args)
+    if (home.cluster_dir(args.alias) / "cluster-info.toml").exists():
+        return _update(home, args, manager)
+    name = args.name or _default_name()
     folder, identity = home.new_cluster(args.alias, "machine.private-key")
     info = ClusterInfo(args.alias, manager, tuple(args.addr), name)
     write_atomic(folder / "cluster-info.toml", render_cluster_info(info).encode())
@@ -56,6 +61,28 @@ def run_init(args) -> int:
     print(f"[machine.{name}]")
     print(f'id52 = "{identity.id52}"')
     print('# allow_from = "admins"')
+    from malai.cli.rescan import notify_daemon
+
+    notify_daemon(home, args.alias)
+    return 0
+
+
+def _update(home, args, manager: str) -> int:
+    """``machine init`` again for a cluster this device joined: new manager addresses (and name)."""
+    from malai.config.cluster_info import parse_cluster_info
+    from malai.errors import MalaiError
+
+    path = home.cluster_dir(args.alias) / "cluster-info.toml"
+    if (path.parent / "cluster.toml").exists():
+        raise MalaiError(f"this device manages cluster {args.alias!r}; it cannot join it as a machine")
+    old = parse_cluster_info(path.read_text(), str(path))
+    if old.manager_id52 != manager:
+        raise MalaiError(f"cluster {args.alias!r} here has manager {old.manager_id52}, not {manager}; to join "
+                         f"another cluster pick another alias, or remove {path.parent} first")
+    info = ClusterInfo(args.alias, manager, tuple(args.addr), args.name or old.machine_name)
+    write_atomic(path, render_cluster_info(info).encode())
+    addrs = ", ".join(args.addr) or "none (LAN discovery, a relay or Tor must find it)"
+    print(f"Cluster {args.alias!r}: the manager's addresses are now {addrs}.")
     from malai.cli.rescan import notify_daemon
 
     notify_daemon(home, args.alias)

@@ -93,6 +93,11 @@ def parse_device(text: str, file: str = "malai.toml") -> DeviceConfig:
         metrics = mt.string("listen", required=True,
                             check=lambda v: None if v.strip() else "an endpoint must not be empty")
         mt.done()
+    lan = True
+    discovery = root.table("discovery")
+    if discovery is not None:
+        lan = discovery.boolean("lan", True)
+        discovery.done()
     links = LinkLimits()
     lt = root.table("links")
     if lt is not None:
@@ -102,4 +107,4 @@ def parse_device(text: str, file: str = "malai.toml") -> DeviceConfig:
         lt.done()
     root.done()
     source.raise_problems()
-    return DeviceConfig(aliases, tcp, http_listen, listen, tor, metrics, links)
+    return DeviceConfig(aliases, tcp, http_listen, listen, tor, metrics, lan, links)

@@ -169,4 +169,5 @@ class DeviceConfig:
     listen: Tuple[str, ...] = ()
     tor: Optional["TorSettings"] = None  # None: Tor is off
     metrics: Optional[str] = None  # ``[metrics] listen``: where /metrics is served; None: off
+    lan: bool = True  # ``[discovery] lan``: announce and find identities on the LAN (multicast DNS)
     links: LinkLimits = LinkLimits()

@@ -41,6 +41,7 @@ class Status(amp.Command):
             (b"id52", amp.Unicode()),
             (b"machines", amp.Integer()),
             (b"waiting_for_config", amp.Boolean()),
+            (b"manager_problem", amp.Unicode(optional=True)),  # a machine: why it has no link to its manager
             (b"config_version", amp.Integer()),
             (b"publishing", amp.Boolean()),  # the manager is still making the configs of its last rescan
             (b"in_sync", amp.Integer()),
@@ -72,6 +73,9 @@ class Status(amp.Command):
         (b"relay_bytes", amp.Integer()),
         (b"tor", amp.Unicode()),  # off, connecting, running, failed: …
         (b"onions", Chunked(amp.ListOf(amp.Unicode()))),  # the onion services up, one per identity
+        (b"lan_discovery", amp.Unicode(optional=True)),  # on, starting, off[: why] (malai.services.discovery)
+        (b"lan_announced", amp.Integer(optional=True)),  # identities announced on the LAN
+        (b"lan_seen", amp.Integer(optional=True)),  # announcements heard from the LAN
     ]
 
 

@@ -70,12 +70,14 @@ def hint_endpoint(reactor, hint: str, timeout: float) -> IStreamClientEndpoint:
 
 class AddressBook:
     """Known hints per ID52, tried in this order: hints that just worked, hints from config,
-    hints the peer advertised in ``Hello``."""
+    hints the peer advertised in ``Hello``, hints LAN discovery found (``lan``)."""
 
     def __init__(self) -> None:
         self._configured: Dict[str, Tuple[str, ...]] = {}
         self._worked: Dict[str, List[str]] = {}
         self._advertised: Dict[str, List[str]] = {}
+        #: ``id52 -> tcp hints`` announced on the LAN (malai.services.discovery), or None when off.
+        self.lan: Optional[Callable[[str], List[str]]] = None
 
     def configure(self, id52: str, hints: Iterable[str]) -> None:
         self._configured[id52] = tuple(normalize_hint(h) for h in hints)
@@ -109,7 +111,9 @@ class AddressBook:
 
     def hints(self, id52: str) -> List[str]:
         out: List[str] = []
-        for hint in (*self._worked.get(id52, ()), *self._configured.get(id52, ()), *self._advertised.get(id52, ())):
+        lan = self.lan(id52) if self.lan is not None else ()
+        for hint in (*self._worked.get(id52, ()), *self._configured.get(id52, ()), *self._advertised.get(id52, ()),
+                     *lan):
             if hint not in out:
                 out.append(hint)
         return out
@@ -164,7 +168,10 @@ class Dialer:
         """Fire with ``factory``'s protocol on a verified link to ``peer``."""
         hints = list(hints) if hints is not None else self.book.hints(peer)
         if not hints and "tor" not in self.kinds:
-            return _fail(DialError(f"no known address for {peer}: add addrs to the config or pass --addr"))
+            lan = "" if self.book.lan is not None else "; LAN discovery is off"
+            return _fail(DialError(f"no known address for {peer}: no address in the config, none learnt, none "
+                                   f"announced on the LAN{lan}; add addrs to the config, pass --addr, or set up "
+                                   "[tor] or a relay"))
         hints = [normalize_hint(h) for h in hints]
         if "tor" in self.kinds and not any(hint_kind(h) == "tor" for h in hints):
             hints.append(f"tor:{onion_address(peer)}:{ONION_PORT}")  # every identity is an onion service

@@ -176,3 +176,21 @@ class ListMachines(amp.Command):
     arguments = [(b"machine", amp.Unicode(optional=True))]
     response = [(b"machines", Chunked(amp.AmpList(MACHINE_RECORD)))]
     errors = {NotAllowed: b"NOT_ALLOWED"}
+
+
+# -- joining with an invite (malai.peer.joining answers it on the manager) ---------------------------
+__all__ += ["JoinCluster", "JoinRefused"]
+
+
+class JoinRefused(Exception):
+    """The invite secret is unknown, used, expired or revoked, or the machine could not be added."""
+
+
+class JoinCluster(amp.Command):
+    """New device → manager, over a link from an identity the manager does not know yet: the
+    invite's secret. The manager adds the caller's ID52 as the invited machine and answers with
+    the machine's name and the cluster's."""
+
+    arguments = [(b"secret", amp.Unicode())]
+    response = [(b"name", amp.Unicode()), (b"cluster", amp.Unicode())]
+    errors = {JoinRefused: b"JOIN_REFUSED"}

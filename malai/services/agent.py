@@ -39,6 +39,16 @@ class MachineAgent(Service):
     def manager(self) -> str:
         return self.cluster.manager_id52()
 
+    def manager_problem(self) -> str:
+        """Why there is no link to the manager now, in words for ``malai status`` ("" when linked)."""
+        keeper = self.keepers.get(self.manager)
+        problem = keeper.problem if keeper is not None and keeper.link is None else ""
+        if problem.startswith("no known address"):
+            return ("no address for the manager: none in cluster-info.toml, none learnt, none announced on the "
+                    f"LAN; run `malai machine init {self.manager} {self.cluster.name} --addr HOST:PORT` again, "
+                    "or set up [tor]")
+        return problem
+
     @property
     def link(self):
         keeper = self.keepers.get(self.manager)

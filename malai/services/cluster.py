@@ -9,12 +9,14 @@ from twisted.protocols import amp
 
 from malai.acl import Acl, Decision, expression_terms
 from malai.audit import AuditLog
+from malai.config.invites import InviteStore
 from malai.config.models import DEFAULT_HEARTBEAT
 from malai.config.store import ClusterStore
 from malai.errors import MalaiError
 from malai.home import MANAGER, ClusterEntry
 from malai.identity import ID52Error, Identity, parse_id52
 from malai.p2p.link import PeerAddress
+from malai.peer.joining import JoinLocator
 from malai.peer.relaying import Relayer
 from malai.peer.responders import ClusterResponder, StreamResponder
 from malai.peer.streams import StreamRefused
@@ -194,6 +196,10 @@ class ClusterService(MultiService):
     def knows(self, peer: str) -> bool:
         return peer in self.peers()
 
+    def admits(self, peer: str) -> bool:
+        """Whether a stranger may open a link, to join with an invite: only on a manager with one pending."""
+        return self.entry.cluster is not None and bool(InviteStore(self.entry.path).pending())
+
     def addresses(self) -> Dict[str, List[str]]:
         """Connection hints from config, by ID52."""
         e = self.entry
@@ -273,7 +279,7 @@ class ClusterService(MultiService):
         return []
 
     def responder_for(self, peer: PeerAddress) -> amp.CommandLocator:
-        return ClusterResponder(self, peer)
+        return ClusterResponder(self, peer) if self.knows(peer.peer) else JoinLocator(self, peer)
 
     def stream_responder(self) -> StreamResponder:
         return self._derive("streams", lambda: StreamResponder(self))
@@ -316,6 +322,7 @@ class ClusterService(MultiService):
         counts = Counter(m["sync"] for m in sync)
         return {"cluster": self.name, "role": self.role, "id52": self.identity.id52, "machines": machines,
                 "waiting_for_config": e.role != MANAGER and e.machine is None,
+                "manager_problem": self.agent.manager_problem() if self.agent is not None else "",
                 "config_version": self.config_version(),
                 "publishing": self.publisher is not None and self.publisher.publishing(),
                 "in_sync": counts["in sync"], "pending": counts["pending"], "failing": counts["error"],

@@ -20,7 +20,8 @@ from malai.peer.ping import ping
 
 __all__ = ["RETRY_FIRST", "RETRY_MAX", "LinkKeeper"]
 
-RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+#: Re-dial after 1 s, doubling up to 5 s: a manager back from a restart is linked again within 5 s.
+RETRY_FIRST, RETRY_MAX = 1.0, 5.0
 
 
 class LinkKeeper:
@@ -35,6 +36,7 @@ class LinkKeeper:
         self.probe = probe if probe is not None else ping
         self.rtt: Optional[float] = None  # seconds the last probe took
         self.link = None
+        self.problem = ""  # why the last dial or probe failed; "" once linked
         self._call = None
         self._delay = RETRY_FIRST
 
@@ -117,10 +119,12 @@ class LinkKeeper:
                           hint=link.peer.hint or "its link")
             link.closed.addCallback(self._closed)
         self._delay = RETRY_FIRST
+        self.problem = ""
         self._schedule(self.heartbeat)
 
     @machine.output()
     def _back_off(self, reason: str):
+        self.problem = reason
         self.log.info("{cluster}: {label} unreachable ({reason}); retrying in {delay:g}s", cluster=self.cluster.name,
                       label=self.label, reason=reason, delay=self._delay)
         self._retry_later()
@@ -129,7 +133,8 @@ class LinkKeeper:
     def _forget(self, link):
         if link is self.link:
             self.link = None
-            self.log.info("{cluster}: lost the link to {label}; re-dialing in {delay:g}s", cluster=self.cluster.name,
+            self.problem = "the link closed"
+            self.log.warn("{cluster}: lost the link to {label}; re-dialing in {delay:g}s", cluster=self.cluster.name,
                           label=self.label, delay=self._delay)
             self._retry_later()
 

@@ -27,6 +27,7 @@ from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from malai.peer.relaying import Relayer, relay_endpoint
 from malai.peer.streams import StreamRefused, StreamRequest
 from malai.services.cluster import ClusterService
+from malai.services.discovery import apply_discovery
 from malai.services.forwarding import Forwards
 from malai.services.listening import ListeningService
 from malai.services.memory import MemoryTrim
@@ -65,6 +66,7 @@ class MalaiService(MultiService):
         self.http_upstreams = UpstreamPool(reactor)
         self.relayer = Relayer(reactor)
         self.tor: Optional[TorService] = None
+        self.discovery = None  # [discovery] lan in malai.toml: malai.services.discovery
         self.metrics = self.metrics_listener = None  # [metrics] in malai.toml: malai.services.metrics
         self.dialer.kinds["relay"] = relay_endpoint(
             lambda local, relay: self.pool.get(local, relay, self.dialer.direct_hints(relay)))
@@ -199,6 +201,8 @@ class MalaiService(MultiService):
 
     def _route(self, addr: PeerAddress) -> Optional[MuxLink]:
         cluster = self._cluster_for(addr.local)
+        if cluster is not None and not cluster.knows(addr.peer) and cluster.admits(addr.peer):
+            return self._accepted.buildProtocol(addr)  # a stranger with an invite: JoinCluster only, never pooled
         if cluster is None or not cluster.knows(addr.peer):
             return None
         link = self._accepted.buildProtocol(addr)
@@ -229,12 +233,14 @@ class MalaiService(MultiService):
         """Validate everything, then apply only what differs; a broken cluster is
         refused and keeps running as it was, the others are untouched."""
         reports: List[Report] = []
+        lan = None  # LAN discovery as it is, unless malai.toml is read now
         if only is None:
             try:
                 device = self.home.load_device()
             except ConfigError as e:
                 reports.append(Report("malai.toml", "refused", [str(p) for p in e.problems]))
             else:
+                lan = device.lan
                 reports.extend(self.forwards.apply(device, check))
                 reports.extend(self._apply_tor(device.tor, check))
                 reports.extend(apply_metrics(self, device.metrics, check))
@@ -255,6 +261,7 @@ class MalaiService(MultiService):
                 if not check:
                     self._remove(alias)
                 reports.append(Report(alias, "removed"))
+        reports.extend(apply_discovery(self, lan, check))  # announces the identities held now
         return reports
 
     def _apply(self, entry: ClusterEntry, check: bool) -> str:
@@ -326,6 +333,7 @@ class MalaiService(MultiService):
                 "http_urls": self.forwards.http.urls() if self.forwards.http else [],
                 **{f"relay_{k}": v for k, v in self.relayer.summary().items()},
                 **(self.tor.summary() if self.tor is not None else {"tor": "off", "onions": []}),
+                **(self.discovery.summary() if self.discovery is not None else {"lan_discovery": "off"}),
                 **({"http": self.forwards.http.address()} if self.forwards.http else {})}
 
     def cluster(self, alias: str) -> ClusterService:
