@@ -23,7 +23,7 @@ from malai.identity import Identity
 from malai.p2p.dial import AddressBook, Dialer
 from malai.p2p.tls import PeerTLS
 from malai.peer.commands import ConfigHistory, GetConfig, JoinCluster, JoinRefused, ListMachines
-from malai.peer.links import dial_ready
+from malai.peer.links import dial_ready, link_factory
 from malai.peer.protocol import HelloInfo, PeerAMPFactory
 from tests.helpers import DaemonHome, short_home, wait_for
 from tests.test_discovery import two_namespaces
@@ -188,15 +188,15 @@ class StrangerLinkTests(TestCase):
 
     def tearDown(self):
         for link in self.links:
-            if link.transport is not None:
+            if not link.closed.called:
                 link.transport.abortConnection()
         return defer.DeferredList([link.closed for link in self.links])
 
     @defer.inlineCallbacks
     def dial(self):
         dialer = Dialer(reactor, PeerTLS([self.stranger]), AddressBook(), timeout=5)
-        link = yield dial_ready(dialer, self.stranger, self.cm_id52, PeerAMPFactory(HelloInfo(), dialer=True),
-                                [self.addr])
+        link = yield dial_ready(dialer, self.stranger, self.cm_id52,
+                                link_factory(PeerAMPFactory(HelloInfo(), dialer=True)), [self.addr])
         self.links.append(link)
         return link
 
