@@ -5,11 +5,13 @@
 Real daemons on loopback (a manager, db01 exposing the upstreams, a laptop
 holding the forward) and an sshd of this run's own. The upstream runs in a
 child process: it streams the requested number of bytes, or echoes. Measures
-bulk download throughput, request/response rate on one connection, and new
-connections per second (connect, one exchange, close).
+bulk download throughput, request/response rate on one connection, new
+connections per second (connect, one exchange, close), and, with redis-server
+installed, redis-benchmark GET with 20 connections against a real Redis.
 """
 
 import argparse
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,58 +96,83 @@ def connections(port: int, seconds: float) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _ratios(measured, baseline) -> str:
+    return " / ".join(f"{m / b:.2f}x" if b else "n/a" for m, b in zip(measured, baseline, strict=True))
+
+
+def redis_gets(port: int, requests: int) -> float:
+    """redis-benchmark GET requests per second with 20 connections through ``port``."""
+    out = subprocess.run(["redis-benchmark", "-p", str(port), "-t", "get", "-c", "20", "-n", str(requests), "--csv"],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1].split(",")[1].strip('"'))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024, help="bulk transfer size (default 1024 MiB)")
     parser.add_argument("--seconds", type=float, default=3, help="how long each rate is measured")
+    parser.add_argument("--redis-requests", type=int, default=100000, help="redis-benchmark GETs per path")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="malai-bench-", dir="/tmp"))
     upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True)
     source, echo = map(int, upstream.stdout.readline().split())
+    redis = free_port() if shutil.which("redis-server") and shutil.which("redis-benchmark") else None
+    redis_server = None
+    if redis is not None:
+        redis_server = subprocess.Popen(["redis-server", "--port", str(redis), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(root)], stdout=subprocess.DEVNULL)
+        wait_listening(redis)
 
     def config(ids, ports):
         return (f'\n[machine.db01]\nid52 = "{ids["db01"]}"\naddrs = ["127.0.0.1:{ports["db01"]}"]\n'
                 f'\n[machine.db01.tcp.source]\nport = {source}\nallow_from = "laptop"\n'
                 f'\n[machine.db01.tcp.echo]\nport = {echo}\nallow_from = "laptop"\n'
-                f'\n[machine.laptop]\nid52 = "{ids["laptop"]}"\n')
+                + (f'\n[machine.db01.tcp.redis]\nport = {redis}\nallow_from = "laptop"\n' if redis else "")
+                + f'\n[machine.laptop]\nid52 = "{ids["laptop"]}"\n')
 
     try:
         with Cluster(root, ("db01", "laptop"), config) as cluster, Sshd(root) as sshd:
-            paths = {"direct TCP": (source, echo)}
-            local = {name: free_port() for name in ("source", "echo")}
+            paths = {"direct TCP": (source, echo, redis)}
+            local = {name: free_port() for name in ("source", "echo", "redis")[:3 if redis else 2]}
             for name, port in local.items():
                 malai(cluster.homes["laptop"], "service", "add", "tcp", name, f"127.0.0.1:{port}",
                       f"{name}.db01.company")
-            paths["malai forward"] = (local["source"], local["echo"])
+            paths["malai forward"] = (local["source"], local["echo"], local.get("redis"))
             tunnel = None
             if sshd.argv:
-                ssh_ports = free_port(), free_port()
-                tunnel = subprocess.Popen([*sshd.argv, "-N", "-L", f"{ssh_ports[0]}:127.0.0.1:{source}",
-                                           "-L", f"{ssh_ports[1]}:127.0.0.1:{echo}"])
-                for port in ssh_ports:
+                ssh_ports = free_port(), free_port(), free_port()
+                forwards = [f"{ssh_ports[0]}:127.0.0.1:{source}", f"{ssh_ports[1]}:127.0.0.1:{echo}"]
+                forwards += [f"{ssh_ports[2]}:127.0.0.1:{redis}"] if redis else []
+                tunnel = subprocess.Popen([*sshd.argv, "-N", *(a for f in forwards for a in ("-L", f))])
+                for port in ssh_ports[:len(forwards)]:
                     wait_listening(port)
-                paths["ssh -L"] = ssh_ports
+                paths["ssh -L"] = (*ssh_ports[:2], ssh_ports[2] if redis else None)
             size = args.mib << 20
             results = {}
-            for name, (source_port, echo_port) in paths.items():
-                print(f"  {name}: {args.mib} MiB download, request/response, new connections…", flush=True)
+            for name, (source_port, echo_port, redis_port) in paths.items():
+                print(f"  {name}: {args.mib} MiB download, request/response, new connections, redis…", flush=True)
                 results[name] = (download(source_port, size), round_trips(echo_port, args.seconds),
-                                 connections(echo_port, args.seconds))
+                                 connections(echo_port, args.seconds),
+                                 redis_gets(redis_port, args.redis_requests) if redis_port else 0.0)
             if tunnel is not None:
                 tunnel.terminate()
             base = results["direct TCP"]
             ssh = results.get("ssh -L")
             rows = []
-            for name, (mbs, rtts, conns) in results.items():
-                vs_ssh = f" ({mbs / ssh[0]:.2f}x / {rtts / ssh[1]:.2f}x / {conns / ssh[2]:.2f}x)" if ssh else ""
+            for name, measured in results.items():
+                ratios = _ratios(measured, base)
+                vs_ssh = f" ({_ratios(measured, ssh)})" if ssh else ""
+                mbs, rtts, conns, gets = measured
                 rows.append((name, f"{mbs:.0f} MB/s", f"{rtts:.0f}/s", f"{conns:.0f}/s",
-                             f"{mbs / base[0]:.2f}x / {rtts / base[1]:.2f}x / {conns / base[2]:.2f}x" + vs_ssh))
+                             f"{gets:.0f}/s" if gets else "n/a", ratios + vs_ssh))
             table(f"TCP forward on loopback: {args.mib} MiB download, 64-byte round trips on one connection, "
-                  "new connections (one exchange each)",
-                  ("path", "download", "round trips", "connections", "vs direct (vs ssh -L)"), rows)
+                  "new connections (one exchange each), redis-benchmark GET -c 20",
+                  ("path", "download", "round trips", "connections", "redis GET", "vs direct (vs ssh -L)"), rows)
     finally:
         upstream.kill()
+        if redis_server is not None:
+            redis_server.kill()
     return 0
 
 
