@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 import h11
 from twisted.internet.defer import succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import CertificateOptions
@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from malai.audit import AuditLog
 from malai.config.models import HttpService
+from malai.p2p.dial import tcp_client
 from malai.p2p.link import no_delay
 from malai.peer.http_headers import HEAD_TIMEOUT, MAX_HEAD, Caller, framing_problem, request_headers, response_headers
 from malai.peer.upstream import CONNECT_TIMEOUT, connect_quietly
@@ -92,8 +93,7 @@ class UpstreamPool:
             if upstream.connected:
                 upstream.idle_timer.cancel()
                 return succeed(upstream)
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, service.host, service.port,
-                                                           timeout=CONNECT_TIMEOUT)
+        endpoint: IStreamClientEndpoint = tcp_client(self.reactor, service.host, service.port, CONNECT_TIMEOUT)
         if service.secure:
             # TLS to an upstream on this machine: encryption, no authentication (see docs/http.md)
             endpoint = wrapClientTLS(CertificateOptions(), endpoint)

@@ -8,13 +8,13 @@ import time
 from typing import Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from malai.acl import Acl, Decision, Denied
 from malai.audit import AuditLog
 from malai.config.models import HttpService, MachineConfig, TcpService
+from malai.p2p.dial import tcp_client
 from malai.p2p.link import PeerAddress
 from malai.peer.proxy_header import proxy_v2
 from malai.peer.relay import LinkEnd, Relay
@@ -46,7 +46,7 @@ def open_tcp(reactor, service: TcpService, decision: Decision, peer: PeerAddress
     """Connect ``service``'s upstream and return the link end of a relay to it."""
     who = caller_name or peer.peer
     relay = Relay(f"{cluster}: tcp.{service.name} for {who}")
-    endpoint = HostnameEndpoint(reactor, service.host, service.port, timeout=CONNECT_TIMEOUT)
+    endpoint = tcp_client(reactor, service.host, service.port, CONNECT_TIMEOUT)
     try:
         yield connect_quietly(endpoint, relay.plain)
     except Exception as e:
