@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         cluster,
         config,
         daemon,
+        identity,
         info,
         keygen,
         logs,
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         ping,
         rescan,
         service,
+        share,
         socks,
     )
 
@@ -34,13 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", help="MALAI_HOME to use (default: $MALAI_HOME or ~/.local/share/malai)")
     parser.add_argument("--version", action="version", version=f"malai {malai.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (keygen, cluster, machine, machines, info, rescan, acl, config, daemon, logs, ping, service, socks):
+    for module in (keygen, identity, cluster, machine, machines, info, rescan, acl, config, daemon, logs, ping, service,
+                   socks, share):
         module.add_parser(sub)
     return parser
 
 
-SUBCOMMANDS = frozenset({"acl", "cluster", "config", "daemon", "forward", "info", "keygen", "logs", "machine",
-                         "machines", "open", "ping", "rescan", "service", "socks", "status", "stop"})
+SUBCOMMANDS = frozenset({"acl", "cluster", "config", "daemon", "forward", "identity", "info", "keygen", "logs",
+                         "machine", "machines", "open", "ping", "rescan", "service", "socks", "status", "stop", "tcp",
+                         "tcp-bridge"})
 
 
 def _remote_argv(argv: List[str]) -> Optional[tuple]:

@@ -9,8 +9,8 @@ __all__ = ["RESERVED_NAMES", "parse_device", "check_target", "check_remote"]
 
 #: Subcommands of the ``malai`` CLI; an alias may not shadow one.
 RESERVED_NAMES = frozenset({
-    "acl", "cluster", "config", "cp", "daemon", "forward", "help", "info", "keygen", "logs", "machine",
-    "machines", "open", "ping", "rescan", "service", "socks", "ssh", "status", "stop",
+    "acl", "cluster", "config", "cp", "daemon", "forward", "help", "identity", "info", "keygen", "logs", "machine",
+    "machines", "open", "ping", "rescan", "service", "socks", "ssh", "status", "stop", "tcp", "tcp-bridge",
 })
 
 
