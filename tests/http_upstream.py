@@ -24,6 +24,7 @@ SEEN = []  # every request served: what a smuggled request would leave behind
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # it writes a head, then a body: with Nagle, each answer waits for a delayed ACK
 
     def log_message(self, *args):
         pass

@@ -103,7 +103,7 @@ class TorNetwork:
             self.procs.append(subprocess.Popen(["ip", "netns", "exec", self.netns, "tor", "-f", str(d / "torrc")],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
-    def wait_bootstrapped(self, timeout: float = 180) -> float:
+    def wait_bootstrapped(self, timeout: float = 300) -> float:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             logs = [(self.root / name / "notice.log") for name in self.nodes]
