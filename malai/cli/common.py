@@ -57,3 +57,32 @@ def run_twisted(fn: Callable, *args: Any, **kwargs: Any) -> Any:
             raise MalaiError(f"cannot reach the daemon: {result.getErrorMessage()}")
         raise MalaiError(f"{type(result.value).__name__}: {result.getErrorMessage()}")
     return result
+
+
+def log_to_stderr(prefix: str, verbose: bool) -> None:
+    """malai's own events on stderr, each line ``prefix: …``: warnings, or with ``verbose`` every
+    link and connection; a line said twice in a row (a refusal logged by two layers) once."""
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        PredicateResult,
+        formatEvent,
+        globalLogBeginner,
+    )
+
+    last = [""]
+
+    def emit(event) -> None:
+        text = formatEvent(event)
+        if event.get("log_failure") is not None:
+            text += f": {event['log_failure'].getErrorMessage()}"
+        if text != last[0]:
+            print(f"{prefix}: {text}", file=sys.stderr, flush=True)
+        last[0] = text
+
+    def ours(event) -> PredicateResult:
+        return PredicateResult.maybe if event.get("log_namespace", "").startswith("malai") else PredicateResult.no
+
+    level = LogLevelFilterPredicate(LogLevel.info if verbose else LogLevel.warn)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(emit, [ours, level])], redirectStandardIO=False)

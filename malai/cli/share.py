@@ -6,7 +6,7 @@ import signal
 import sys
 from typing import List
 
-from malai.cli.common import home_of, run_twisted
+from malai.cli.common import home_of, log_to_stderr, run_twisted
 from malai.config.reader import check_addr
 from malai.errors import MalaiError, UsageError
 from malai.identity import ID52Error, parse_id52
@@ -118,7 +118,7 @@ async def _share(reactor, home, args, allow: List[str], listen: str) -> int:
     from malai.services.sharing import TcpShare
 
     identity = _identity(home, args.identity, "malai tcp")
-    _log_to_stderr("malai tcp", args.verbose)
+    log_to_stderr("malai tcp", args.verbose)
     share = TcpShare(reactor, identity, args.host, args.port, allow, listen)
     share.startService()
     try:
@@ -141,7 +141,7 @@ async def _bridge(reactor, home, args, peer: str, listen: str) -> int:
     from malai.services.sharing import TcpBridge
 
     identity = _identity(home, args.identity, "malai tcp-bridge")
-    _log_to_stderr("malai tcp-bridge", args.verbose)
+    log_to_stderr("malai tcp-bridge", args.verbose)
     bridge = TcpBridge(reactor, identity, peer, list(args.addr), listen)
     bridge.startService()
     try:
@@ -173,27 +173,3 @@ async def _until_signal(reactor) -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: reactor.callFromThread(lambda: stopped.called or stopped.callback(None)))
     await stopped
-
-
-def _log_to_stderr(prefix: str, verbose: bool) -> None:
-    """malai's own events on stderr: warnings, or with ``verbose`` every link and connection."""
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        PredicateResult,
-        formatEvent,
-        globalLogBeginner,
-    )
-
-    def emit(event) -> None:
-        text = formatEvent(event)
-        if event.get("log_failure") is not None:
-            text += f": {event['log_failure'].getErrorMessage()}"
-        print(f"{prefix}: {text}", file=sys.stderr, flush=True)
-
-    def ours(event) -> PredicateResult:
-        return PredicateResult.maybe if event.get("log_namespace", "").startswith("malai") else PredicateResult.no
-
-    level = LogLevelFilterPredicate(LogLevel.info if verbose else LogLevel.warn)
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(emit, [ours, level])], redirectStandardIO=False)

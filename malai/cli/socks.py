@@ -4,7 +4,7 @@ until Ctrl-C (malai.services.socks). ``malai ssh -D`` runs the same."""
 import signal
 import sys
 
-from malai.cli.common import home_of, run_twisted
+from malai.cli.common import home_of, log_to_stderr, run_twisted
 from malai.config.reader import check_addr
 from malai.errors import MalaiError, UsageError
 
@@ -51,35 +51,6 @@ def foreground(root, listen: str, verbose: bool, prefix: str, failed: int) -> in
         return failed
 
 
-def _log_to_stderr(verbose: bool) -> None:
-    """malai's own events on stderr (warnings, or with ``verbose`` every connection); a line
-    said twice in a row (a refusal the relay records too) once."""
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        PredicateResult,
-        formatEvent,
-        globalLogBeginner,
-    )
-
-    last = [""]
-
-    def emit(event) -> None:
-        text = formatEvent(event)
-        if event.get("log_failure") is not None:
-            text += f": {event['log_failure'].getErrorMessage()}"
-        if text != last[0]:
-            print(f"malai socks: {text}", file=sys.stderr, flush=True)
-        last[0] = text
-
-    def ours(event) -> PredicateResult:
-        return PredicateResult.maybe if event.get("log_namespace", "").startswith("malai") else PredicateResult.no
-
-    level = LogLevelFilterPredicate(LogLevel.info if verbose else LogLevel.warn)
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(emit, [ours, level])], redirectStandardIO=False)
-
-
 async def _front(reactor, home):
     """The daemon's HTTP front as (host, port), or None when it has none."""
     from malai.cli.daemon import RUNNING, daemon_state
@@ -105,7 +76,7 @@ async def serve(reactor, home, listen: str, verbose: bool = False) -> int:
     context = DirectContext(home, reactor)
     if not context.clusters:
         raise MalaiError(f"this device is in no cluster ({home.root}): nothing to proxy to")
-    _log_to_stderr(verbose)
+    log_to_stderr("malai socks", verbose)
     front = await _front(reactor, home)
     services = []
     if front is None:  # an HTTP front of our own, on loopback
